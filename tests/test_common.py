@@ -1,0 +1,181 @@
+"""common.py against independent references: torch.distributions, Monte Carlo, closed forms."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from common import (
+    MIN_LOG_SIGMA,
+    EnsembleLinear,
+    FixedSigma,
+    LearnedPerDimSigma,
+    LearnedScalarSigma,
+    MLPVAE,
+    OptimalSigma,
+    ScheduledSigma,
+    elbo_terms,
+    gaussian_kl,
+    gaussian_nll,
+    inverse_soft_floor,
+    iwae_bound,
+    load_checkpoint,
+    save_checkpoint,
+    soft_floor,
+)
+
+
+def reference_nll(x, mean, sigma):
+    return -Normal(mean, sigma).log_prob(x).sum(-1)
+
+
+def test_fixed_sigma_nll_equals_normal_log_prob():
+    x, mean = torch.randn(3, 50, 2), torch.randn(3, 50, 2)
+    sigma = torch.tensor([0.01, 0.3, 1.0]).reshape(3, 1, 1)
+    mean_out, log_sigma = FixedSigma(sigma)(mean, x)
+    expected = reference_nll(x, mean, sigma.expand_as(x))
+    torch.testing.assert_close(gaussian_nll(x, mean_out, log_sigma), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_mse_is_fixed_sigma_half():
+    # Sec. 3.2: the squared error loss is a Normal with sigma^2 = 1/2, up to a constant.
+    x, mean = torch.rand(8, 784), torch.rand(8, 784)
+    nll = gaussian_nll(x, *FixedSigma(math.sqrt(0.5))(mean, x))
+    constant = 784 * (0.5 * math.log(2 * math.pi) + 0.5 * math.log(0.5))
+    torch.testing.assert_close(nll, ((x - mean) ** 2).sum(-1) + constant)
+
+
+def test_learned_scalar_sigma_nll_starts_at_one_and_matches_normal():
+    obs = LearnedScalarSigma((2, 1, 1))
+    torch.testing.assert_close(obs.log_sigma.exp(), torch.ones(2, 1, 1))
+    with torch.no_grad():
+        obs.raw_log_sigma.copy_(torch.tensor([-2.0, 0.5]).reshape(2, 1, 1))
+    x, mean = torch.randn(2, 40, 5), torch.randn(2, 40, 5)
+    expected = reference_nll(x, mean, obs.log_sigma.exp().expand_as(x))
+    torch.testing.assert_close(gaussian_nll(x, *obs(mean, x)), expected, rtol=1e-5, atol=1e-4)
+    # Eq. 10: a scalar sigma contributes D log sigma.
+    zero_error = gaussian_nll(mean, *obs(mean, mean))
+    torch.testing.assert_close(zero_error, 5 * (obs.log_sigma.reshape(2, 1) + 0.5 * math.log(2 * math.pi)).expand(2, 40))
+
+
+def test_learned_per_dim_sigma_nll_equals_normal_log_prob():
+    x, decoder_out = torch.randn(2, 30, 3), torch.randn(2, 30, 6) * 3
+    mean, log_sigma = LearnedPerDimSigma(dim=-1)(decoder_out, x)
+    assert mean.shape == log_sigma.shape == x.shape
+    torch.testing.assert_close(mean, decoder_out[..., :3])
+    expected = reference_nll(x, decoder_out[..., :3], soft_floor(decoder_out[..., 3:]).exp())
+    torch.testing.assert_close(gaussian_nll(x, mean, log_sigma), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_per_pixel_sigma_splits_channels_of_images():
+    decoder_out = torch.randn(4, 2, 7, 7)  # (B, 2C, H, W), C = 1
+    mean, log_sigma = LearnedPerDimSigma(dim=1)(decoder_out)
+    assert mean.shape == log_sigma.shape == (4, 1, 7, 7)
+    x = torch.rand(4, 1, 7, 7)
+    expected = -Normal(mean, log_sigma.exp()).log_prob(x).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(gaussian_nll(x, mean, log_sigma, event_dims=3), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_scheduled_sigma_follows_the_schedule_and_holds_the_last_value():
+    schedule = torch.log(torch.tensor([[1.0, 0.5], [0.2, 0.1], [0.05, 0.04]])).reshape(3, 2, 1, 1)
+    obs = ScheduledSigma(schedule)
+    x, mean = torch.randn(2, 10, 2), torch.randn(2, 10, 2)
+    for step, row in [(0, 0), (1, 1), (2, 2), (50, 2)]:
+        obs.set_step(step)
+        expected = reference_nll(x, mean, schedule[row].exp().expand_as(x))
+        torch.testing.assert_close(gaussian_nll(x, *obs(mean, x)), expected, rtol=1e-5, atol=1e-4)
+    assert not any(p.requires_grad for p in obs.parameters())
+
+
+def test_optimal_sigma_is_the_batch_rmse_per_member_and_fixed_in_eval():
+    x, mean = torch.randn(2, 100, 2), torch.randn(2, 100, 2, requires_grad=True)
+    mean_scaled = mean * torch.tensor([1.0, 0.1]).reshape(2, 1, 1)
+    obs = OptimalSigma((2, 1, 1), momentum=0.0)
+    _, log_sigma = obs(mean_scaled, x)
+    rmse = ((x - mean_scaled.detach()) ** 2).mean(dim=(1, 2)).sqrt()
+    torch.testing.assert_close(log_sigma.exp().flatten(), rmse)
+    assert not log_sigma.requires_grad  # no gradient through sigma
+    expected = reference_nll(x, mean_scaled.detach(), rmse.reshape(2, 1, 1).expand_as(x))
+    torch.testing.assert_close(gaussian_nll(x, mean_scaled, log_sigma).detach(), expected, rtol=1e-5, atol=1e-4)
+    obs.eval()
+    _, eval_log_sigma = obs(torch.zeros_like(x), x)  # a different batch: eval keeps the stored sigma
+    torch.testing.assert_close(eval_log_sigma.exp().flatten(), rmse)
+
+
+def test_soft_floor_bounds_learned_log_sigma():
+    raw = torch.linspace(-40, 5, 200)
+    log_sigma = soft_floor(raw)
+    assert (log_sigma >= MIN_LOG_SIGMA).all() and (log_sigma[1:] >= log_sigma[:-1]).all()
+    assert (log_sigma[raw > -12][1:] > log_sigma[raw > -12][:-1]).all()  # strictly, until float32 rounds to the floor
+    torch.testing.assert_close(log_sigma[-1], raw[-1], atol=1e-4, rtol=0)  # ~identity well above the floor
+    for value in [-5.0, -3.1, 0.0, 2.0]:
+        assert soft_floor(torch.tensor(inverse_soft_floor(value))).item() == pytest.approx(value, abs=1e-5)
+
+
+def test_gaussian_kl_equals_torch_and_monte_carlo():
+    torch.manual_seed(0)
+    mu, log_std = torch.randn(4, 3), torch.randn(4, 3) * 0.5
+    q, p = Normal(mu, log_std.exp()), Normal(torch.zeros(4, 3), torch.ones(4, 3))
+    torch.testing.assert_close(gaussian_kl(mu, log_std), kl_divergence(q, p).sum(-1))
+    z = q.sample((200000,))
+    monte_carlo = (q.log_prob(z) - p.log_prob(z)).sum(-1).mean(0)
+    torch.testing.assert_close(gaussian_kl(mu, log_std), monte_carlo, atol=0.03, rtol=0.02)
+
+
+def test_ensemble_linear_applies_each_members_own_weights():
+    layer = EnsembleLinear(3, 4, 5)
+    layer.reset_parameters([torch.Generator().manual_seed(s) for s in range(3)])
+    x = torch.randn(3, 7, 4)
+    for m in range(3):
+        torch.testing.assert_close(layer(x)[m], x[m] @ layer.weight[m] + layer.bias[m], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(layer.weight[0], layer.weight[1])
+
+
+def test_members_with_the_same_seed_start_from_the_same_weights():
+    model = MLPVAE([7, 8, 7], x_dim=2, latent_dim=2, decoder_out_dim=2, hidden=16, blocks=2)
+    alone = MLPVAE([7], x_dim=2, latent_dim=2, decoder_out_dim=2, hidden=16, blocks=2)
+    for (name, p), p_alone in zip(model.named_parameters(), alone.parameters()):
+        assert torch.equal(p[0], p[2]) and torch.equal(p[0], p_alone[0]), name
+        assert not torch.equal(p[0], p[1]), name
+
+
+def test_elbo_below_iwae_and_iwae_increases_with_k():
+    torch.manual_seed(0)
+    model = MLPVAE([0], x_dim=2, latent_dim=2, decoder_out_dim=2, hidden=32, blocks=2)
+    obs = FixedSigma(1.0)
+    x = torch.randn(1, 2000, 2)
+    generator = torch.Generator().manual_seed(123)  # not 0: its stream would replay x's own draws as noise
+    with torch.no_grad():
+        elbo = torch.stack([elbo_terms(model, obs, x)[2] for _ in range(10)]).mean()
+        iwae_1 = iwae_bound(model, obs, x, 1, generator).mean()
+        iwae_5 = iwae_bound(model, obs, x, 5, generator).mean()
+        iwae_50 = iwae_bound(model, obs, x, 50, generator).mean()
+    assert iwae_1.item() == pytest.approx(elbo.item(), abs=0.05)  # IWAE-1 is the ELBO
+    assert elbo < iwae_5 - 0.05 and iwae_5 < iwae_50 - 0.02, (elbo, iwae_5, iwae_50)
+
+
+def test_gradients_reach_log_sigma():
+    x = torch.randn(1, 64, 2)
+    for obs, out_dim in [(LearnedScalarSigma((1, 1, 1)), 2), (LearnedPerDimSigma(), 4)]:
+        model = MLPVAE([0], x_dim=2, latent_dim=2, decoder_out_dim=out_dim, hidden=16, blocks=1)
+        (-elbo_terms(model, obs, x)[2].mean()).backward()
+        if isinstance(obs, LearnedScalarSigma):
+            grad = obs.raw_log_sigma.grad
+        else:  # the decoder's output columns that hold raw log sigma
+            grad = model.decoder.output.weight.grad[..., 2:]
+        assert grad is not None and grad.abs().sum() > 0 and torch.isfinite(grad).all()
+
+
+def test_checkpoint_round_trip_and_clear_errors(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"step": 3, "weights": torch.arange(4.0)})
+    save_checkpoint(path, {"step": 4, "weights": torch.arange(5.0)})  # overwrite in place
+    state = load_checkpoint(path)
+    assert state["step"] == 4 and torch.equal(state["weights"], torch.arange(5.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="corrupt"):
+        load_checkpoint(path)
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")

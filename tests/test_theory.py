@@ -1,0 +1,76 @@
+"""theory.py: Eq. 8 in closed form against quadrature, the exact threshold sqrt(D), stability, the training check."""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import theory
+
+ROOT = theory.__file__.rsplit("/", 1)[0]
+
+
+@pytest.mark.parametrize("D", [2, 10])
+def test_numerical_critical_ratio_is_sqrt_d(D):
+    assert theory.critical_ratio(D) == pytest.approx(math.sqrt(D), rel=1e-3)
+
+
+@pytest.mark.parametrize("D", [2, 3, 10, 100])
+def test_optimal_radius_is_zero_below_and_near_r_well_above(D):
+    for a in [0.3 * math.sqrt(D), math.sqrt(D - 1), 0.99 * math.sqrt(D)]:  # includes the theorem's own bound
+        assert theory.optimal_radius(a, D) == 0.0
+    a = 3 * math.sqrt(D)
+    assert theory.optimal_radius(a, D) > 0.5 * a  # r* > R/2
+
+
+def test_the_transition_is_continuous_with_the_derived_quartic():
+    # Just above sqrt(D): r*^2 = 2 (D+2) D^2 (a^2/D - 1) / (2 a^4) from f = c2 rho^2 + c4 rho^4; no jump.
+    D = 3
+    for excess in [1e-3, 1e-4]:
+        a = math.sqrt(D) * (1 + excess)
+        c2, c4 = 0.5 * (a**2 / D - 1), -(a**4) / (4 * D**2 * (D + 2))
+        assert theory.optimal_radius(a, D) == pytest.approx(math.sqrt(-c2 / (2 * c4)), rel=0.02)
+    rho = np.array([1e-3, 1e-2, 5e-2])
+    a = 2.0
+    expansion = 0.5 * rho**2 * (a**2 / D - 1) - a**4 * rho**4 / (4 * D**2 * (D + 2))
+    np.testing.assert_allclose(theory.log_p_eq8(rho, a, D), expansion, rtol=1e-4)
+
+
+@pytest.mark.parametrize("D", [2, 3, 5, 10, 30])
+@pytest.mark.parametrize("rho, a", [(0.01, 0.5), (0.5, 1.0), (2.0, 3.0), (5.0, 5.0), (10.0, 20.0)])
+def test_bessel_form_equals_direct_quadrature(D, rho, a):
+    assert theory.log_p_eq8(rho, a, D) == pytest.approx(theory.log_p_eq8_quadrature(rho, a, D), rel=1e-9, abs=1e-9)
+
+
+def test_finite_at_extreme_arguments():
+    for D in [2, 3, 1000, 2000]:
+        rho = np.array([0.0, 1e-12, 1e-3, 1.0, 99.0, 100.0, 150.0, 300.0])
+        for a in [1e-3, 1.0, 100.0, 300.0]:
+            values = theory.log_p_eq8(rho, a, D)
+            assert np.isfinite(values).all(), (D, a, values)
+        assert theory.optimal_radius(100.0, D) == pytest.approx(100 - (D - 1) / 200, rel=0.01)  # r* -> R
+
+
+@pytest.mark.parametrize("D", [2, 10, 1000])
+def test_log_0f1_is_concave(D):
+    assert theory.log_0f1_is_concave(D)
+
+
+def test_training_check_runs_end_to_end(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "theory.py", "--dims", "2", "--heatmap-dims", "2", "--train", "--train-dims", "2",
+         "--seeds", "2", "--steps", "20", "--hidden", "16", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (tmp_path / "training_check.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == 2 and all("nan" not in row for row in rows)
+    for name in ["threshold.md", "fig2_heatmap_D2.png", "training_check.png"]:
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_bad_dimension_is_refused():
+    result = subprocess.run([sys.executable, "theory.py", "--dims", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "must be >= 2" in result.stderr

@@ -1,0 +1,105 @@
+"""train_2d.py: the batched ensemble, the learned sigma's dynamics, the data, the command line, end to end."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_2d
+from common import FixedSigma, LearnedPerDimSigma, LearnedScalarSigma
+
+ROOT = train_2d.__file__.rsplit("/", 1)[0]
+
+
+def small_args(tmp_path, *extra):
+    return train_2d.parse_args(["--hidden", "32", "--blocks", "2", "--logdir", str(tmp_path / "runs"),
+                                "--out", str(tmp_path / "out"), "--log-every", "5", *extra])
+
+
+def test_ensemble_member_follows_the_same_trajectory_as_the_model_trained_alone(tmp_path):
+    args = small_args(tmp_path, "--steps", "40")
+    torch.manual_seed(0)
+    ensemble = train_2d.Ensemble([("F-VAE sigma=0.1", FixedSigma(torch.full((3, 1, 1), 0.1))),
+                                  ("LS-VAE", LearnedScalarSigma((3, 1, 1)))], [5, 6, 7], args, "cpu")
+    history, _ = train_2d.train([ensemble], [5, 6, 7], args, "cpu", "ensemble")
+    torch.manual_seed(1)  # the global RNG must play no part
+    alone = train_2d.Ensemble([("LS-VAE", LearnedScalarSigma((1, 1, 1)))], [6], args, "cpu")
+    history_alone, _ = train_2d.train([alone], [6], args, "cpu", "alone")
+    member = 3 + 1  # group LS-VAE (second), seed 6 (second)
+    for p, p_alone in zip(ensemble.model.parameters(), alone.model.parameters()):
+        torch.testing.assert_close(p[member], p_alone[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ensemble.group("LS-VAE").log_sigma[1], alone.group("LS-VAE").log_sigma[0])
+    assert history["LS-VAE"]["elbo"][:, 1] == pytest.approx(history_alone["LS-VAE"]["elbo"][:, 0], abs=1e-4)
+    # ...and members of different settings did not stay together: the observation model matters.
+    assert not torch.allclose(ensemble.model.decoder.output.weight[1], ensemble.model.decoder.output.weight[member])
+
+
+def test_learned_sigma_moves_down_from_one_in_a_short_run(tmp_path):
+    args = small_args(tmp_path, "--steps", "150", "--lr", "3e-3")
+    scalar = train_2d.Ensemble([("LS-VAE", LearnedScalarSigma((2, 1, 1)))], [0, 1], args, "cpu")
+    per_dim = train_2d.Ensemble([("LV-VAE", LearnedPerDimSigma())], [0, 1], args, "cpu")
+    history, ls_schedule = train_2d.train([scalar, per_dim], [0, 1], args, "cpu", "short")
+    assert ls_schedule.shape == (150, 2)
+    torch.testing.assert_close(ls_schedule[0], torch.zeros(2), atol=1e-5, rtol=0)  # starts at sigma = 1
+    assert (scalar.group("LS-VAE").log_sigma.exp() < 0.8).all()
+    assert (ls_schedule[1:] <= ls_schedule[:-1] + 1e-3).float().mean() > 0.95  # moves down, almost monotonically
+    assert history["LV-VAE"]["log_sigma"][-1].max() < math.log(0.8)
+
+
+def test_data_log_density_matches_the_tube_approximation():
+    # On the curve in the small-noise region (u = 0, s = 0.01, no curvature there), the density is the uniform
+    # density of u (1/2) spread along the curve (speed |c'(0)|) times a 1-D Gaussian across it.
+    x = train_2d.manifold(torch.zeros(1))
+    speed = math.sqrt(4 + math.pi**2)
+    expected = math.log(0.5 / speed) - 0.5 * math.log(2 * math.pi * 0.01**2)
+    assert train_2d.data_log_density(x).item() == pytest.approx(expected, abs=0.01)
+    x, u = train_2d.sample_data(3000, torch.Generator().manual_seed(0), return_u=True)
+    assert x.shape == (3000, 2) and u.min() >= -1 and u.max() <= 1
+    residual = (x - train_2d.manifold(u)) / train_2d.noise_level(u)[:, None]
+    assert residual.std().item() == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--preset", "paper", "--steps", "10"], "--preset paper fixes"),
+    (["--settings", "F", "Fstar"], "add LS to --settings"),
+    (["--fixed-sigmas", "0.1", "-1"], "--fixed-sigmas must all be > 0"),
+    (["--iwae-points", "5000", "--eval-points", "1000"], "cannot exceed --eval-points"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--settings", "nope"], "invalid choice"),
+])
+def test_contradictory_flags_are_refused_at_parse_time(flags, message):
+    result = subprocess.run([sys.executable, "train_2d.py", *flags], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_help_documents_every_flag():
+    result = subprocess.run([sys.executable, "train_2d.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0
+    for action in train_2d.parser._actions:
+        assert action.help, action.option_strings
+
+
+def test_end_to_end_writes_table_and_figures(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "train_2d.py", "--steps", "30", "--seeds", "2", "--hidden", "16", "--blocks", "1",
+         "--fixed-sigmas", "1", "0.1", "--eval-points", "500", "--iwae-points", "50", "--iwae-k", "10",
+         "--out", str(out), "--logdir", str(tmp_path / "runs")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (out / "table1.md").read_text()
+    assert "python train_2d.py --steps 30" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names[:-1] == ["F-VAE sigma=1", "F-VAE sigma=0.1", "LS-VAE", "sigma-VAE", "LV-VAE", "F*-VAE", "F-sched"]
+    for row in rows[:-1]:
+        measured = float(row.split("|")[3].split("±")[0])
+        # Gibbs: no model's expected log-likelihood passes the data's own (the ceiling row, about 0.08 nats)
+        assert math.isfinite(measured) and measured < 0.5, row
+    for name in ["fig3_dataset", "fig4_all_settings", "fig6_learned_sigma", "fig7_fixed_sigma",
+                 "fig8_losses_fixed_sigma", "fig9_losses_learned_sigma", "fig10_ls_sigma"]:
+        assert (out / f"{name}.png").stat().st_size > 10000, name
+    assert len(list((tmp_path / "runs").iterdir())) == 7  # one TensorBoard run per setting

@@ -1,0 +1,240 @@
+"""Per-sample Gaussian negative log-likelihood (Eq. 11, per-pixel learned log sigma), fused forward + backward.
+
+Forward. For one sample x of D elements (every non-batch dimension, flattened) and decoder outputs mu, log_sigma
+of the same shape, sigma = exp(log_sigma):
+
+    l_i = 0.5 * ((x_i - mu_i) / sigma_i)**2 + log_sigma_i + 0.5 * log(2*pi)        # Eq. 11, per element
+    nll = sum_i l_i                                                               # nats per sample, (N,)
+
+The paper drops the constant 0.5 * log(2*pi); we keep it, as common.gaussian_nll does, so that fixed-sigma and
+learned-sigma runs are comparable. Sums are accumulated in fp32 whatever the input dtype (fp32, bf16, fp16).
+
+Backward. With g the upstream gradient of that sample's nll and inv_var_i = exp(-2 * log_sigma_i):
+
+    dl/dmu_i        = -(x_i - mu_i) * inv_var_i            -> grad_mu_i        = g * dl/dmu_i
+    dl/dlog_sigma_i = 1 - (x_i - mu_i)**2 * inv_var_i      -> grad_log_sigma_i = g * dl/dlog_sigma_i
+
+computed in fp32 from the saved inputs alone (nothing else is kept between forward and backward) and written in
+the input dtype. x is data: the kernels give it no gradient. If x does require one, dl/dx = -dl/dmu is formed in
+PyTorch from grad_mu.
+
+Broadcast log_sigma. The fused path is written for a per-pixel log_sigma of the same shape as mu (LV-VAE, Eq. 11).
+A log_sigma that broadcasts to x (a learned scalar, Eq. 10, or one value per channel) is expanded to x's shape
+and made contiguous before the kernels run, and autograd sums grad_log_sigma back to log_sigma's shape through
+that expand. This costs one tensor of x's size in each direction; a scalar-sigma kernel would avoid it, but LS-VAE
+is not the model this kernel is for.
+
+Reduction. Both grids are (samples, chunks of the flattened row); samples go on axis 0, the one CUDA lets pass
+65535. Each forward program writes the fp32 sum of its chunk to a (N, chunks) buffer and a torch .sum(1) finishes
+the job (a two-level reduction), rather than atomic_add into an (N,) output: float atomics add in whatever order
+the programs finish, so the same inputs could give results that differ in the last bits from run to run, which
+breaks seeded reruns. The buffer holds one float per BLOCK_SIZE elements, and atomics would need a zeroed output,
+i.e. a second launch anyway.
+
+Not fused yet: the discretized likelihood (Gaussian mass of each 1/256 bin of 8-bit pixels) remains to be done.
+
+Tests: tests/test_gaussian_nll.py (kernels against the reference on CPU with TRITON_INTERPRET=1).
+Benchmark: python bench/bench_nll.py (writes results/bench_nll.md).
+"""
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is optional: without it gaussian_nll runs the PyTorch reference
+    triton = None
+TRITON_AVAILABLE = triton is not None
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # dtypes the kernels take; fp32 accumulation
+MAX_BLOCK_SIZE = 2048  # elements of one row per program; a row longer than this is split into chunks (not tuned)
+
+
+# --- reference ---
+
+
+def gaussian_nll_reference(x, mean, log_sigma):
+    """Eq. 11 in plain PyTorch: x, mean (N, ...), log_sigma broadcastable to them -> (N,) nats per sample.
+
+    Computed in fp32 (bf16/fp16 inputs are upcast; float64 stays float64, for gradcheck).
+    """
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    x, mean, log_sigma = x.to(compute_dtype), mean.to(compute_dtype), log_sigma.to(compute_dtype)
+    nll = 0.5 * ((x - mean) * torch.exp(-log_sigma)) ** 2 + log_sigma + HALF_LOG_2PI  # (N, ...)
+    return nll.reshape(nll.shape[0], -1).sum(1)
+
+
+# --- Triton kernels ---
+
+if TRITON_AVAILABLE:
+
+    @triton.jit
+    def _gaussian_nll_forward_kernel(
+        x_ptr,  # (N, D) data, contiguous, fp32/bf16/fp16
+        mean_ptr,  # (N, D) decoder mean, same dtype
+        log_sigma_ptr,  # (N, D) decoder log sigma, same dtype
+        partial_sum_ptr,  # (N, num_chunks) fp32 output: the NLL summed over each chunk
+        row_size,  # D, elements per sample
+        num_chunks,  # chunks per row, cdiv(D, BLOCK_SIZE)
+        HALF_LOG_2PI: tl.constexpr,  # 0.5 * log(2*pi)
+        BLOCK_SIZE: tl.constexpr,  # elements per chunk, a power of two
+    ):
+        row = tl.program_id(0)
+        chunk = tl.program_id(1)
+        offsets = chunk * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offsets < row_size  # the last chunk of a row is usually partial
+        row_start = row.to(tl.int64) * row_size  # int64: N * D may pass 2**31
+        x = tl.load(x_ptr + row_start + offsets, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + row_start + offsets, mask=mask, other=0.0).to(tl.float32)
+        log_sigma = tl.load(log_sigma_ptr + row_start + offsets, mask=mask, other=0.0).to(tl.float32)
+        # Eq. 11: nll = 0.5 * ((x - mean) / sigma)**2 + log_sigma + 0.5 * log(2*pi)
+        z = (x - mean) * tl.exp(-log_sigma)
+        nll = tl.where(mask, 0.5 * z * z + log_sigma + HALF_LOG_2PI, 0.0)
+        tl.store(partial_sum_ptr + row * num_chunks + chunk, tl.sum(nll, axis=0))
+
+    @triton.jit
+    def _gaussian_nll_backward_kernel(
+        x_ptr,  # (N, D) data, contiguous, fp32/bf16/fp16
+        mean_ptr,  # (N, D) decoder mean, same dtype
+        log_sigma_ptr,  # (N, D) decoder log sigma, same dtype
+        grad_nll_ptr,  # (N,) fp32 upstream gradient, one per sample
+        grad_mean_ptr,  # (N, D) output, input dtype
+        grad_log_sigma_ptr,  # (N, D) output, input dtype
+        row_size,  # D, elements per sample
+        BLOCK_SIZE: tl.constexpr,  # elements per chunk, a power of two
+    ):
+        row = tl.program_id(0)
+        chunk = tl.program_id(1)
+        offsets = chunk * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offsets < row_size
+        row_start = row.to(tl.int64) * row_size
+        x = tl.load(x_ptr + row_start + offsets, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + row_start + offsets, mask=mask, other=0.0).to(tl.float32)
+        log_sigma = tl.load(log_sigma_ptr + row_start + offsets, mask=mask, other=0.0).to(tl.float32)
+        grad_nll = tl.load(grad_nll_ptr + row)
+        diff = x - mean
+        inv_var = tl.exp(-2.0 * log_sigma)  # 1 / sigma**2
+        grad_mean = -diff * inv_var * grad_nll  # dl/dmu = -(x - mu) / sigma**2
+        grad_log_sigma = (1.0 - diff * diff * inv_var) * grad_nll  # dl/dlog_sigma = 1 - (x - mu)**2 / sigma**2
+        tl.store(grad_mean_ptr + row_start + offsets, grad_mean.to(grad_mean_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            grad_log_sigma_ptr + row_start + offsets, grad_log_sigma.to(grad_log_sigma_ptr.dtype.element_ty), mask=mask
+        )
+
+
+# --- launchers ---
+
+
+def _launch_config(row_size):
+    """Block size (the next power of two of D, at most MAX_BLOCK_SIZE), chunks per row and warps."""
+    block_size = min(MAX_BLOCK_SIZE, triton.next_power_of_2(max(row_size, 1)))
+    num_warps = 4 if block_size <= 1024 else 8
+    return block_size, triton.cdiv(row_size, block_size), num_warps
+
+
+def _check_contiguous(*tensors):
+    if not all(t.is_contiguous() for t in tensors):
+        raise ValueError("the Triton launchers take contiguous tensors; call gaussian_nll, which makes them so")
+
+
+def _forward_launch(x, mean, log_sigma):
+    """x, mean, log_sigma: (N, ...) contiguous, same shape, dtype and device -> (N,) fp32 nats per sample."""
+    _check_contiguous(x, mean, log_sigma)
+    num_samples, row_size = x.shape[0], math.prod(x.shape[1:])
+    block_size, num_chunks, num_warps = _launch_config(row_size)
+    partial_sums = torch.empty(num_samples, num_chunks, dtype=torch.float32, device=x.device)  # (N, chunks)
+    _gaussian_nll_forward_kernel[(num_samples, num_chunks)](
+        x, mean, log_sigma, partial_sums, row_size, num_chunks,
+        HALF_LOG_2PI=HALF_LOG_2PI, BLOCK_SIZE=block_size, num_warps=num_warps,
+    )
+    return partial_sums.sum(1)  # second level of the reduction: (N, chunks) -> (N,), a fixed order
+
+
+def _backward_launch(x, mean, log_sigma, grad_nll):
+    """Saved inputs (N, ...) and the upstream gradient (N,) -> grad_mean, grad_log_sigma, each (N, ...) in x's dtype."""
+    # A loss.sum() hands back a stride-0 expanded gradient: make it a real (N,) fp32 array.
+    grad_nll = grad_nll.to(torch.float32).contiguous()
+    _check_contiguous(x, mean, log_sigma)
+    num_samples, row_size = x.shape[0], math.prod(x.shape[1:])
+    block_size, num_chunks, num_warps = _launch_config(row_size)
+    grad_mean, grad_log_sigma = torch.empty_like(mean), torch.empty_like(log_sigma)  # (N, ...) each
+    _gaussian_nll_backward_kernel[(num_samples, num_chunks)](
+        x, mean, log_sigma, grad_nll, grad_mean, grad_log_sigma, row_size,
+        BLOCK_SIZE=block_size, num_warps=num_warps,
+    )
+    return grad_mean, grad_log_sigma
+
+
+class _GaussianNLLFunction(torch.autograd.Function):
+    """Fused Eq. 11: saves only x, mean and log_sigma; the backward recomputes everything else from them."""
+
+    @staticmethod
+    def forward(ctx, x, mean, log_sigma):
+        ctx.save_for_backward(x, mean, log_sigma)
+        return _forward_launch(x, mean, log_sigma)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_nll):
+        grad_mean, grad_log_sigma = _backward_launch(*ctx.saved_tensors, grad_nll)
+        grad_x = -grad_mean if ctx.needs_input_grad[0] else None  # dl/dx = -dl/dmu; x is usually data
+        return grad_x, grad_mean, grad_log_sigma
+
+
+# --- public function ---
+
+
+def _check_inputs(x, mean, log_sigma, backend):
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', not {backend!r}")
+    if x.ndim == 0:
+        raise ValueError("x must be (N, ...) with a batch dimension first, not a 0-d tensor")
+    if mean.shape != x.shape:
+        raise ValueError(f"mean has shape {tuple(mean.shape)} but x has {tuple(x.shape)}; they must be equal")
+    try:
+        broadcast_shape = torch.broadcast_shapes(log_sigma.shape, x.shape)
+    except RuntimeError:
+        broadcast_shape = None
+    if broadcast_shape != x.shape:
+        raise ValueError(f"log_sigma of shape {tuple(log_sigma.shape)} does not broadcast to x's {tuple(x.shape)}")
+    if not (x.dtype == mean.dtype == log_sigma.dtype) or not x.is_floating_point():
+        raise ValueError(
+            f"x, mean, log_sigma must share one floating dtype, got {x.dtype}, {mean.dtype}, {log_sigma.dtype}; "
+            "cast them (e.g. under autocast, log_sigma.to(mean.dtype))"
+        )
+    if not (x.device == mean.device == log_sigma.device):
+        raise ValueError(f"x, mean, log_sigma must be on one device, got {x.device}, {mean.device}, {log_sigma.device}")
+
+
+def gaussian_nll(x, mean, log_sigma, backend="auto"):
+    """Eq. 11 per sample: x, mean (N, ...), log_sigma of the same shape or broadcastable to it -> (N,) fp32 nats.
+
+    fp32/bf16/fp16 inputs give fp32 sums; float64 inputs run the reference and give float64.
+    backend: "auto" (Triton for CUDA tensors when Triton imports, else PyTorch), "triton" or "torch".
+    """
+    _check_inputs(x, mean, log_sigma, backend)
+
+    # The one place where the path is chosen. backend="triton" on CPU tensors runs the kernels in Triton's
+    # interpreter (TRITON_INTERPRET=1 set before this module is imported): slow, for tests only.
+    if backend == "triton":
+        if not TRITON_AVAILABLE:
+            raise RuntimeError("backend='triton' but triton is not installed (pip install triton, Linux only); "
+                               "use backend='auto' or 'torch'")
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend='triton' needs CUDA tensors (got {x.device}), or TRITON_INTERPRET=1 set "
+                             "before import to run the kernels on the CPU; use backend='auto' otherwise")
+        if x.dtype not in TRITON_DTYPES:
+            raise ValueError(f"the Triton kernels take {TRITON_DTYPES}, not {x.dtype}; use backend='torch'")
+    use_triton = backend == "triton" or (
+        backend == "auto" and TRITON_AVAILABLE and x.is_cuda and x.dtype in TRITON_DTYPES
+    )
+    if not use_triton:
+        return gaussian_nll_reference(x, mean, log_sigma)
+
+    # Made contiguous once, here; a broadcast log_sigma is materialised and autograd sums its gradient back.
+    log_sigma = log_sigma.expand(x.shape)
+    return _GaussianNLLFunction.apply(x.contiguous(), mean.contiguous(), log_sigma.contiguous())

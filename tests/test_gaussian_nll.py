@@ -1,0 +1,219 @@
+"""kernels/gaussian_nll.py: the Triton kernels against the PyTorch reference on CPU (Triton's interpreter), the
+reference against gradcheck and common.gaussian_nll, the choice of path and the input checks."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: @triton.jit then runs kernels on the CPU
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import common  # noqa: E402
+from kernels import gaussian_nll as nll_module  # noqa: E402
+from kernels.gaussian_nll import gaussian_nll, gaussian_nll_reference  # noqa: E402
+
+needs_triton = pytest.mark.skipif(
+    not nll_module.TRITON_AVAILABLE, reason="triton is not installed: only the PyTorch reference can run"
+)
+
+SHAPES = [(3, 1, 5, 7), (2, 3, 4, 4), (5, 37), (1, 1)]
+# Forward sums are fp32 in both paths, from the same inputs, so they agree tightly whatever the input dtype.
+# Gradients are computed in fp32 and rounded once to the input dtype; the interpreter rounds fp32 -> bf16 towards
+# zero where a GPU and PyTorch round to nearest, so a bf16 gradient may be one unit in the last place (2**-7
+# relative) off; fp16 has 2**-10. atol covers gradients near zero, where 1 - z**2 cancels.
+FORWARD_TOL = dict(rtol=1e-5, atol=1e-5)
+GRADIENT_TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+    torch.float16: dict(rtol=2e-3, atol=1e-3),
+}
+
+
+def make_inputs(shape, dtype, log_sigma_range=10.0, log_sigma_shape=None, seed=0):
+    """x, mean ~ N(0, 1) of `shape`, log_sigma ~ U(-range, range); mean and log_sigma require grad."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator).to(dtype)
+    mean = torch.randn(shape, generator=generator).to(dtype).requires_grad_()
+    log_sigma_shape = shape if log_sigma_shape is None else log_sigma_shape
+    log_sigma = ((2 * torch.rand(log_sigma_shape, generator=generator) - 1) * log_sigma_range).to(dtype)
+    return x, mean, log_sigma.requires_grad_()
+
+
+def nll_and_grads(function, x, mean, log_sigma, upstream):
+    """Per-sample NLL and d(sum_n upstream_n * nll_n)/d(mean, log_sigma)."""
+    nll = function(x, mean, log_sigma)
+    return (nll, *torch.autograd.grad((nll * upstream).sum(), (mean, log_sigma)))
+
+
+def assert_triton_matches_reference(x, mean, log_sigma, gradient_tol):
+    upstream = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(1)) + 0.5  # (N,) per-sample weights
+    nll, grad_mean, grad_log_sigma = nll_and_grads(
+        lambda *inputs: gaussian_nll(*inputs, backend="triton"), x, mean, log_sigma, upstream
+    )
+    ref_nll, ref_grad_mean, ref_grad_log_sigma = nll_and_grads(gaussian_nll_reference, x, mean, log_sigma, upstream)
+    assert nll.dtype == torch.float32 and nll.shape == (x.shape[0],)
+    assert grad_mean.dtype == mean.dtype and grad_log_sigma.shape == log_sigma.shape
+    torch.testing.assert_close(nll, ref_nll, **FORWARD_TOL)
+    torch.testing.assert_close(grad_mean, ref_grad_mean, **gradient_tol)
+    torch.testing.assert_close(grad_log_sigma, ref_grad_log_sigma, **gradient_tol)
+
+
+# --- Triton kernels against the reference ---
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_triton_matches_reference_extreme_log_sigma(shape, dtype):
+    # log_sigma in [-10, 10]: (x - mu) / sigma up to ~1e5, its square ~1e9, still finite in fp32 and bf16.
+    assert_triton_matches_reference(*make_inputs(shape, dtype), GRADIENT_TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_triton_matches_reference_fp16(shape):
+    # fp16 tops out at 65504: with log_sigma = -10 the gradient (x - mu) / sigma**2 overflows in both paths alike,
+    # so fp16 is checked on [-3, 3]. Train in bf16, not fp16, when sigma gets small.
+    assert_triton_matches_reference(*make_inputs(shape, torch.float16, 3.0), GRADIENT_TOL[torch.float16])
+
+
+@needs_triton
+def test_triton_rows_split_into_many_chunks(monkeypatch):
+    # Rows longer than one block: 37 = 4 full chunks of 8 and a masked tail of 5; 2 x 3 x 30 x 30 with the default.
+    monkeypatch.setattr(nll_module, "MAX_BLOCK_SIZE", 8)
+    assert_triton_matches_reference(*make_inputs((5, 37), torch.float32), GRADIENT_TOL[torch.float32])
+    monkeypatch.undo()
+    assert_triton_matches_reference(*make_inputs((2, 3, 30, 30), torch.float32, 3.0), GRADIENT_TOL[torch.float32])
+
+
+@needs_triton
+def test_triton_non_contiguous_inputs():
+    base = torch.randn(6, 5, 4, 3)
+    x = base.transpose(1, 3)[::2]  # (3, 3, 4, 5), a transposed view of every other sample
+    mean = torch.randn(3, 5, 4, 3).transpose(1, 3).requires_grad_()
+    log_sigma = torch.randn(3, 3, 4, 10)[..., 1::2].requires_grad_()  # strided, storage offset 1
+    assert not (x.is_contiguous() or mean.is_contiguous() or log_sigma.is_contiguous())
+    assert_triton_matches_reference(x, mean, log_sigma, GRADIENT_TOL[torch.float32])
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "log_sigma_shape", [(), (1, 3, 1, 1), (2, 1, 1, 1)], ids=["scalar", "per-channel", "per-sample"]
+)
+def test_triton_broadcast_log_sigma_gradient_is_reduced(log_sigma_shape):
+    # A learned scalar (Eq. 10) or per-channel log_sigma: expanded for the kernel, its gradient summed by autograd.
+    inputs = make_inputs((2, 3, 4, 4), torch.float32, 2.0, log_sigma_shape)
+    assert_triton_matches_reference(*inputs, dict(rtol=1e-5, atol=1e-4))
+
+
+@needs_triton
+def test_triton_plain_sum_and_gradient_for_x():
+    # loss.sum() hands the backward a stride-0 gradient; a requires_grad x gets dl/dx = -dl/dmu.
+    x, mean, log_sigma = make_inputs((2, 3, 4, 4), torch.float32, 2.0)
+    x.requires_grad_()
+    grads = torch.autograd.grad(gaussian_nll(x, mean, log_sigma, backend="triton").sum(), (x, mean, log_sigma))
+    ref_grads = torch.autograd.grad(gaussian_nll_reference(x, mean, log_sigma).sum(), (x, mean, log_sigma))
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+
+
+# --- the reference ---
+
+
+@pytest.mark.parametrize("log_sigma_shape", [(2, 3, 4), ()], ids=["per-pixel", "scalar"])
+def test_reference_gradcheck_float64(log_sigma_shape):
+    x, mean, log_sigma = make_inputs((2, 3, 4), torch.float64, 2.0, log_sigma_shape)
+    assert torch.autograd.gradcheck(gaussian_nll_reference, (x, mean, log_sigma))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("shape", [(3, 1, 5, 7), (5, 37)], ids=str)
+def test_agrees_with_common_gaussian_nll(shape, backend):
+    x, mean, log_sigma = make_inputs(shape, torch.float32, 3.0)
+    expected = common.gaussian_nll(x, mean, log_sigma, event_dims=x.ndim - 1)
+    torch.testing.assert_close(gaussian_nll(x, mean, log_sigma, backend=backend), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_reference_upcasts_half_precision_to_fp32():
+    x, mean, log_sigma = make_inputs((2, 9), torch.bfloat16, 2.0)
+    nll = gaussian_nll_reference(x, mean, log_sigma)
+    assert nll.dtype == torch.float32
+    torch.testing.assert_close(nll, gaussian_nll_reference(x.float(), mean.float(), log_sigma.float()))
+
+
+# --- the choice of path ---
+
+
+def fail_if_called(*args):
+    raise AssertionError("the Triton launcher ran")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_cpu_tensors_take_the_reference_path(monkeypatch, backend):
+    # Even with TRITON_INTERPRET=1 set, "auto" keeps CPU tensors on the reference: the interpreter is opt-in.
+    monkeypatch.setattr(nll_module, "_forward_launch", fail_if_called)
+    x, mean, log_sigma = make_inputs((2, 3, 4, 4), torch.float32, 2.0)
+    expected = gaussian_nll_reference(x, mean, log_sigma)
+    torch.testing.assert_close(gaussian_nll(x, mean, log_sigma, backend=backend), expected)
+
+
+@needs_triton
+def test_backend_triton_runs_the_launcher(monkeypatch):
+    calls = []
+    launch = nll_module._forward_launch
+    monkeypatch.setattr(nll_module, "_forward_launch", lambda *inputs: calls.append(1) or launch(*inputs))
+    gaussian_nll(*make_inputs((2, 5), torch.float32, 2.0), backend="triton")
+    assert calls == [1]
+
+
+def test_float64_uses_the_reference_and_stays_float64(monkeypatch):
+    monkeypatch.setattr(nll_module, "_forward_launch", fail_if_called)
+    assert gaussian_nll(*make_inputs((2, 5), torch.float64, 2.0)).dtype == torch.float64
+
+
+# --- input checks ---
+
+
+@pytest.mark.parametrize(
+    "x, mean, log_sigma, message",
+    [
+        (torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 3), "mean has shape"),
+        (torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4), "does not broadcast"),
+        (torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3, 2, 3), "does not broadcast"),
+        (torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(2, 3), "one floating dtype"),
+        (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long),
+         "one floating dtype"),
+        (torch.zeros(2, 3), torch.zeros(2, 3, device="meta"), torch.zeros(2, 3), "one device"),
+        (torch.zeros(()), torch.zeros(()), torch.zeros(()), "batch dimension"),
+    ],
+    ids=["mean-shape", "log-sigma-shape", "log-sigma-too-many-dims", "dtype", "integer", "device", "0-d"],
+)
+def test_mismatched_inputs_raise_value_error(x, mean, log_sigma, message):
+    with pytest.raises(ValueError, match=message):
+        gaussian_nll(x, mean, log_sigma)
+
+
+def test_unknown_backend_raises_value_error():
+    with pytest.raises(ValueError, match="backend must be"):
+        gaussian_nll(*make_inputs((2, 5), torch.float32), backend="cuda")
+
+
+def test_backend_triton_without_triton_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(nll_module, "TRITON_AVAILABLE", False)
+    inputs = make_inputs((2, 5), torch.float32, 2.0)
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        gaussian_nll(*inputs, backend="triton")
+    torch.testing.assert_close(gaussian_nll(*inputs), gaussian_nll_reference(*inputs))  # "auto" still works
+
+
+@needs_triton
+def test_backend_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        gaussian_nll(*make_inputs((2, 5), torch.float32), backend="triton")
+
+
+@needs_triton
+def test_backend_triton_rejects_float64():
+    with pytest.raises(ValueError, match="backend='torch'"):
+        gaussian_nll(*make_inputs((2, 5), torch.float64), backend="triton")

@@ -1,0 +1,406 @@
+"""MNIST and CelebA with fixed, learned-scalar and learned per-pixel sigma (Sec. 4.3, App. B): Table 2, Figs. 5, 11-18.
+
+    python train_images.py --dataset mnist --sigma learned             # LV-VAE, per-pixel sigma (Eq. 11)
+    python train_images.py --dataset mnist --sigma fixed --epochs 10   # F-VAE, sigma = 1/sqrt(2): the MSE loss
+    python train_images.py --dataset celeba --sigma learned --data-dir data/celeba
+    python train_images.py --resume runs/<run>/ckpt.pt --epochs 20     # continue a run exactly where it stopped
+    tensorboard --logdir runs
+
+Data are pixel / 255 in [0, 1]. The continuous Gaussian density of such data is unbounded as sigma -> 0 (a per-pixel
+sigma heads there on MNIST's constant background), so learned log sigma has a soft floor (common.MIN_LOG_SIGMA,
+sigma >= 0.0025) and every continuous figure is reported with it; `--likelihood discretized` integrates the Gaussian
+over each pixel's bin instead, a bounded likelihood under which sigma has no reason to run away.
+Evaluation on the test split, in two conventions: the paper's Table 2 (bits per pixel of the continuous density of
+[0, 1] data, log sigma and all constants included; higher is better) and the literature's (bits per dimension of the
+8-bit data, lower is better: -log2 P(pixels) under the discretized likelihood, or its bound log2(255) - log2 p(x~)
+under uniform dequantization x~ = (pixel + u - 1/2) / 255); each as a one-sample ELBO and an IWAE-k bound.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from kernels.gaussian_nll import TRITON_AVAILABLE
+from kernels.gaussian_nll import gaussian_nll as fused_gaussian_nll
+from common import (
+    ConvVAE,
+    DataError,
+    FixedSigma,
+    LearnedPerDimSigma,
+    LearnedScalarSigma,
+    OptimalSigma,
+    bits_per_dim,
+    dequantized_bits_per_dim,
+    discretized_gaussian_nll,
+    elbo_terms,
+    gaussian_nll,
+    iwae_bound,
+    load_celeba,
+    load_checkpoint,
+    load_mnist,
+    log_sigma_stats,
+    make_writer,
+    pick_device,
+    run_name,
+    save_checkpoint,
+)
+
+ARCHITECTURES = {  # App. B: MNIST 3 convs + 4 residual blocks, latent 256; CelebA 4 convs + 5 blocks, latent 2048
+    "mnist": dict(channels=1, size=28, widths=(32, 64, 128), strides=(2, 2, 1), blocks=4, latent_dim=256),
+    "celeba": dict(channels=3, size=64, widths=(64, 128, 256, 256), strides=(2, 2, 2, 2), blocks=5, latent_dim=2048),
+}
+# The paper's Table 2 (ELBO, bits per pixel, "accounting for the log sigma term"), quoted beside ours, never among them.
+PAPER_TABLE2 = {("mnist", "fixed"): "0.06", ("mnist", "learned"): "4.89",
+                ("celeba", "fixed"): "5.52", ("celeba", "learned"): "57.51"}
+SIGMA_NAMES = {"fixed": "F-VAE", "learned-scalar": "LS-VAE", "learned": "LV-VAE", "optimal": "sigma-VAE"}
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+parser.add_argument("--dataset", choices=ARCHITECTURES, default="mnist", help="default mnist")
+parser.add_argument("--data-dir", help="folder with the dataset's own files (default data/<dataset>): MNIST's four "
+                    "IDX files (.gz or raw); CelebA's img_align_celeba/ and list_eval_partition.txt")
+parser.add_argument("--download", action="store_true", help="MNIST only: fetch missing IDX files (checksummed)")
+parser.add_argument("--celeba-images", default="img_align_celeba",
+                    help="CelebA image folder inside --data-dir (default img_align_celeba); a folder of smaller "
+                    "images of the same aspect ratio works too")
+parser.add_argument("--sigma", choices=SIGMA_NAMES, default="learned",
+                    help="fixed: F-VAE; learned-scalar: LS-VAE (Eq. 10); learned: per-pixel LV-VAE (Eq. 11, default); "
+                    "optimal: sigma-VAE, sigma^2 = batch MSE")
+parser.add_argument("--sigma-value", type=float, help="with --sigma fixed: sigma on [0, 1] data (default 1/sqrt(2))")
+parser.add_argument("--likelihood", choices=["continuous", "discretized"], default="continuous",
+                    help="continuous Gaussian density (default) or Gaussian integrated over each 1/255 pixel bin")
+parser.add_argument("--nll-kernel", choices=["auto", "triton", "torch"], default="auto",
+                    help="continuous likelihood: the fused Triton kernel (kernels/gaussian_nll.py) or eager PyTorch; "
+                    "auto (default): Triton on CUDA when it imports, PyTorch otherwise")
+parser.add_argument("--epochs", type=int, default=10, help="passes over the training images (default 10)")
+parser.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
+parser.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
+parser.add_argument("--seed", type=int, default=0, help="seeds weights, batches and noise (default 0)")
+parser.add_argument("--max-train-images", type=int, help="use only the first N training images (short runs)")
+parser.add_argument("--eval-images", type=int, default=10000, help="test images for the ELBO each epoch and at the "
+                    "end (default 10000, all of MNIST's)")
+parser.add_argument("--iwae-k", type=int, default=100, help="importance samples of the final IWAE bound (default 100)")
+parser.add_argument("--iwae-images", type=int, default=1000, help="test images for the final IWAE bound (default 1000)")
+parser.add_argument("--log-every", type=int, default=50, help="steps between logged training lines (default 50)")
+parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto: cuda if present")
+parser.add_argument("--logdir", default="runs", help="TensorBoard and checkpoint folder (default runs)")
+parser.add_argument("--out", default="results/images", help="table2.md, runs.jsonl and figures (default results/images)")
+parser.add_argument("--resume", help="a run's ckpt.pt: continue it; only --epochs, --device and --out may change")
+
+
+def parse_args(argv=None):
+    args = parser.parse_args(argv)
+    if args.resume:
+        defaults = vars(parser.parse_args([]))
+        changed = [key for key, value in vars(args).items() if value != defaults[key]]
+        extra = sorted(set(changed) - {"resume", "epochs", "device", "out"})
+        if extra:
+            parser.error(f"--resume continues the run with its own settings; drop {', '.join('--' + e.replace('_', '-') for e in extra)}")
+        return args
+    if args.sigma_value is not None and args.sigma != "fixed":
+        parser.error("--sigma-value goes with --sigma fixed only")
+    if args.sigma_value is not None and args.sigma_value <= 0:
+        parser.error("--sigma-value must be > 0")
+    if args.nll_kernel == "triton" and args.likelihood == "discretized":
+        parser.error("--nll-kernel triton fuses the continuous likelihood only; drop it or use --likelihood continuous")
+    if args.nll_kernel == "triton" and not TRITON_AVAILABLE:
+        parser.error("--nll-kernel triton but triton is not installed (Linux: pip install triton); use auto or torch")
+    if args.download and args.dataset != "mnist":
+        parser.error("--download fetches MNIST only; download CelebA yourself into --data-dir")
+    for key in ["epochs", "batch_size", "eval_images", "iwae_k", "iwae_images", "log_every"]:
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1")
+    if args.max_train_images is not None and args.max_train_images < args.batch_size:
+        parser.error("--max-train-images must be at least --batch-size")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is visible; use --device cpu or auto")
+    args.data_dir = args.data_dir or f"data/{args.dataset}"
+    args.sigma_value = args.sigma_value or (1 / math.sqrt(2) if args.sigma == "fixed" else None)
+    return args
+
+
+# --- helpers ---
+
+
+def load_split(args, split):
+    if args.dataset == "mnist":
+        return load_mnist(args.data_dir, split, download=args.download)
+    return load_celeba(args.data_dir, {"train": "train", "test": "test"}[split], ARCHITECTURES["celeba"]["size"],
+                       images_dir=args.celeba_images)
+
+
+def make_model(args):
+    arch = ARCHITECTURES[args.dataset]
+    shape = (1, 1, 1)  # one sigma for all pixels
+    obs = {"fixed": lambda: FixedSigma(args.sigma_value), "learned-scalar": lambda: LearnedScalarSigma(shape),
+           "learned": lambda: LearnedPerDimSigma(dim=1), "optimal": lambda: OptimalSigma(shape)}[args.sigma]()
+    model = ConvVAE(arch["channels"], arch["size"], arch["widths"], arch["strides"], arch["blocks"],
+                    arch["latent_dim"], obs.decoder_outputs_per_dim)
+    return model, obs
+
+
+def likelihood(args, device=None):
+    """The per-image NLL: discretized, or continuous through the fused Triton kernel (CUDA) or eager PyTorch."""
+    if args.likelihood == "discretized":
+        return discretized_gaussian_nll
+    if args.nll_kernel == "torch" or device is None or device.type != "cuda" or not TRITON_AVAILABLE:
+        return gaussian_nll
+    # kernels/gaussian_nll.py sums every non-batch dimension: event_dims is all of them for images
+    return lambda x, mean, log_sigma, event_dims: fused_gaussian_nll(x, mean, log_sigma.to(mean.dtype), backend="triton")
+
+
+def hardware(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")] \
+        if os.path.exists("/proc/cpuinfo") else []
+    return f"CPU {names[0] if names else platform.processor()}, {torch.get_num_threads()} threads"
+
+
+def to_unit(pixels, device):
+    return pixels.to(device, non_blocking=True).float() / 255  # (B, C, H, W) in [0, 1]
+
+
+@torch.no_grad()
+def evaluate(model, obs, test_pixels, args, device, k=1, images=None, generator=None):
+    """Test-split bounds in both conventions. k = 1: the one-sample ELBO; k > 1: the IWAE-k bound."""
+    model.eval(), obs.eval()
+    nll, pixels = likelihood(args, device), test_pixels[: images or len(test_pixels)]
+    dims = pixels[0].numel()
+    sums = dict(table2=0.0, eight_bit=0.0)
+    batch = max(1, args.batch_size * 4 // k)
+    for part in pixels.split(batch):
+        x = to_unit(part, device)
+        bound = lambda data: iwae_bound(model, obs, data, k, generator, 3, nll) if k > 1 else \
+            elbo_terms(model, obs, data, event_dims=3, nll=nll)[2]
+        if args.likelihood == "continuous":
+            sums["table2"] += bound(x).sum().item()  # log p(x) bound, x = pixel / 255
+            u = torch.rand(x.shape, generator=generator, device=device) if generator is not None else torch.rand_like(x)
+            sums["eight_bit"] += bound(x + (u - 0.5) / 255).sum().item()  # dequantized
+        else:
+            sums["eight_bit"] += bound(x).sum().item()  # log P(pixels)
+    model.train(), obs.train()
+    n = len(pixels)
+    if args.likelihood == "continuous":
+        return {"nats_per_image": sums["table2"] / n,
+                "table2_bits_per_pixel": bits_per_dim(sums["table2"] / n, dims),
+                "bits_per_dim_8bit": dequantized_bits_per_dim(sums["eight_bit"] / n, dims, bin_width=1 / 255)}
+    # the discretized likelihood is a probability of 8-bit values, not a density on [0, 1]: no Table-2 figure
+    return {"nats_per_image": sums["eight_bit"] / n, "table2_bits_per_pixel": None,
+            "bits_per_dim_8bit": -bits_per_dim(sums["eight_bit"] / n, dims)}
+
+
+def image_grid(images, rows):
+    """(N, C, H, W) in [0, 1] -> uint8 (rows*H, cols*W, C) with 1-pixel gaps, for PNG and TensorBoard."""
+    images = images.clamp(0, 1).cpu()
+    n, c, h, w = images.shape
+    cols = math.ceil(n / rows)
+    grid = torch.ones(c, rows * (h + 1) - 1, cols * (w + 1) - 1)
+    for i, image in enumerate(images):
+        r, col = divmod(i, cols)
+        grid[:, r * (h + 1) : r * (h + 1) + h, col * (w + 1) : col * (w + 1) + w] = image
+    return (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+
+def save_png(array, path):
+    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path)
+
+
+@torch.no_grad()
+def figures(model, obs, test_pixels, args, device, generator):
+    """Reconstructions (originals on top, means of p(x|z) below; Figs. 5a-b, 11, 12, 15, 16) and generations (means
+    of p(x|z), z ~ p(z), above samples of p(x|z) for the same z; Figs. 5c-d, 13, 14, 17, 18)."""
+    model.eval(), obs.eval()
+    x = to_unit(test_pixels[:16], device)
+    mu, _ = model.encode(x)
+    recon_mean, _ = obs(model.decode(mu), x)
+    z = torch.randn(16, model.latent_dim, generator=generator, device=device)
+    gen_mean, gen_log_sigma = obs(model.decode(z), x)
+    gen_sample = gen_mean + gen_log_sigma.exp() * torch.randn(gen_mean.shape, generator=generator, device=device)
+    model.train(), obs.train()
+    return image_grid(torch.cat([x, recon_mean]), 4), image_grid(torch.cat([gen_mean, gen_sample]), 4)
+
+
+def paper_value(run):
+    """The paper's Table 2 number for this run's setting: F-VAE with the MSE's sigma = 1/sqrt(2), or LV-VAE."""
+    mse = run["sigma"] == "fixed" and abs(run["sigma_value"] - 1 / math.sqrt(2)) < 1e-9
+    if run["likelihood"] != "continuous" or not (mse or run["sigma"] == "learned"):
+        return "not in the paper"
+    return PAPER_TABLE2[run["dataset"], run["sigma"]]
+
+
+def write_table2(out):
+    """results/images/table2.md from every finished run recorded in runs.jsonl."""
+    with open(os.path.join(out, "runs.jsonl")) as f:
+        runs = [json.loads(line) for line in f if line.strip()]
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
+    lines = [
+        "# Table 2: ELBO on the test split, every run made (written by train_images.py from runs.jsonl)",
+        "",
+        "Table-2 convention: bits per pixel of the continuous density of pixel/255 in [0, 1], log sigma and all "
+        "Gaussian constants included, higher is better (the paper's unit). 8-bit convention: bits per dimension of "
+        "the 8-bit data, lower is better (the literature's): -log2 P(pixels) under the discretized likelihood, or "
+        "its upper bound log2(255) - log2 p(x~) under uniform dequantization for continuous runs. ELBO: one sample "
+        "per test image; IWAE-k: importance-weighted bound on the first test images. Learned log sigma has the soft "
+        "floor sigma >= 0.0025 (log sigma >= -6): continuous per-pixel figures measure how far sigma fell to it.",
+        "",
+        "| dataset | setting | likelihood | epochs | train images | ELBO, Table-2 bits/pixel | IWAE-k, Table-2 "
+        "bits/pixel | ELBO, 8-bit bits/dim | IWAE-k, 8-bit bits/dim | k, images | final sigma | wall time | hardware "
+        "| the paper's Table 2 value | command |",
+        "|" + "---|" * 15,
+    ]
+    for run in runs:
+        final, iwae = run["final"], run["iwae"]
+        setting = SIGMA_NAMES[run["sigma"]] + (f" (sigma={run['sigma_value']:.3g})" if run["sigma"] == "fixed" else "")
+        lines.append(
+            f"| {run['dataset']} | {setting} | {run['likelihood']} "
+            f"| {run['epochs']} | {run['train_images']} | {fmt(final['table2_bits_per_pixel'])} "
+            f"| {fmt(iwae['table2_bits_per_pixel'])} | {fmt(final['bits_per_dim_8bit'])} "
+            f"| {fmt(iwae['bits_per_dim_8bit'])} | {run['iwae_k']}, {run['iwae_images']} | {run['sigma_summary']} "
+            f"| {run['wall_minutes']:.1f} min | {run['hardware']} "
+            f"| {paper_value(run)} "
+            f"| `{run['command']}` |")
+    with open(os.path.join(out, "table2.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+# --- main ---
+
+
+def main(args):
+    command = "python " + " ".join(sys.argv)
+    state = None
+    if args.resume:
+        state = load_checkpoint(args.resume)
+        if "args" not in state or "model" not in state:
+            raise SystemExit(f"error: {args.resume} is not a train_images.py checkpoint; start without --resume")
+        saved = argparse.Namespace(**state["args"])
+        saved.epochs, saved.device, saved.out, saved.resume = args.epochs, args.device, args.out, args.resume
+        args = saved
+    device = pick_device(args.device)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+
+    # --- data ---
+    try:
+        train_pixels, test_pixels = load_split(args, "train"), load_split(args, "test")
+    except DataError as error:
+        raise SystemExit(str(error))
+    train_pixels = train_pixels[: args.max_train_images]
+    args.eval_images = min(args.eval_images, len(test_pixels))
+    args.iwae_images = min(args.iwae_images, len(test_pixels))
+
+    # --- model ---
+    model, obs = make_model(args)
+    model, obs = model.to(device), obs.to(device)
+    optimizer = torch.optim.Adam(list(model.parameters()) + list(obs.parameters()), lr=args.lr)
+    data_generator = torch.Generator().manual_seed(args.seed)
+    start_epoch, step, run_dir = 0, 0, None
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"]), obs.load_state_dict(state["obs"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise SystemExit(f"error: {args.resume} does not match this model ({str(error).splitlines()[0]}); "
+                             "start without --resume")
+        start_epoch, step, run_dir = state["epoch"], state["step"], os.path.dirname(os.path.abspath(args.resume))
+        data_generator.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+    run_dir = run_dir or os.path.join(args.logdir, run_name("train_images", args.dataset, args.sigma, args.seed))
+    os.makedirs(run_dir, exist_ok=True)
+    writer = make_writer(run_dir, args)
+    nll = likelihood(args, device)
+    nll_path = "discretized (PyTorch)" if args.likelihood == "discretized" else \
+        "continuous, fused Triton kernel" if nll is not gaussian_nll else "continuous, PyTorch"
+    print(f"train_images: {args.dataset} ({len(train_pixels)} train, {len(test_pixels)} test images), "
+          f"{SIGMA_NAMES[args.sigma]}, likelihood {nll_path}, {sum(p.numel() for p in model.parameters()):,} "
+          f"parameters, on {hardware(device)}; run {run_dir}")
+
+    # --- training loop ---
+    started, seconds_before = time.time(), state.get("wall_seconds", 0.0) if state else 0.0
+    dims = train_pixels[0].numel()
+    for epoch in range(start_epoch, args.epochs):
+        order = torch.randperm(len(train_pixels), generator=data_generator)
+        progress = tqdm(order.split(args.batch_size), desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
+                        mininterval=2, file=sys.stdout)
+        epoch_started = time.time()
+        for indices in progress:
+            x = to_unit(train_pixels[indices], device)
+            recon_nll, kl, elbo, (_, log_sigma) = elbo_terms(model, obs, x, event_dims=3, nll=nll)
+            loss = -elbo.mean()  # nats per image
+            if not torch.isfinite(loss):
+                raise SystemExit(f"error: non-finite loss at step {step} (epoch {epoch + 1}); the last good checkpoint "
+                                 f"is {run_dir}/ckpt.pt; lower --lr (now {args.lr}) or use --likelihood discretized")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step % args.log_every == 0:
+                images_per_second = len(x) * progress.n / max(time.time() - epoch_started, 1e-9)
+                writer.add_scalar("train/elbo", -loss.item(), step)
+                writer.add_scalar("train/recon_nll", recon_nll.mean().item(), step)
+                writer.add_scalar("train/kl", kl.mean().item(), step)
+                writer.add_scalar("train/elbo_bits_per_dim", bits_per_dim(-loss.item(), dims), step)
+                writer.add_scalar("charts/images_per_sec", images_per_second, step)
+                log_sigma_stats(writer, "train", log_sigma, step)
+                progress.set_postfix_str(f"elbo {-loss.item():.1f} kl {kl.mean().item():.1f} "
+                                         f"sigma {log_sigma.exp().mean().item():.3g} {images_per_second:.0f} img/s")
+        test = evaluate(model, obs, test_pixels, args, device, images=args.eval_images)
+        for key, value in test.items():
+            if value is not None:
+                writer.add_scalar(f"eval/{key}", value, step)
+        recon_grid, generation_grid = figures(model, obs, test_pixels, args, device, torch.Generator(device).manual_seed(0))
+        writer.add_image("eval/reconstructions", recon_grid, step, dataformats="HWC")
+        writer.add_image("eval/generations_means_then_samples", generation_grid, step, dataformats="HWC")
+        print(f"epoch {epoch + 1}: test ELBO {test['nats_per_image']:.2f} nats/image, "
+              f"8-bit {test['bits_per_dim_8bit']:.3f} bits/dim")
+        save_checkpoint(os.path.join(run_dir, "ckpt.pt"), {
+            "model": model.state_dict(), "obs": obs.state_dict(), "optimizer": optimizer.state_dict(),
+            "epoch": epoch + 1, "step": step, "args": {k: v for k, v in vars(args).items() if k != "resume"},
+            "data_rng": data_generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, "test": test,
+            "wall_seconds": seconds_before + time.time() - started,
+        })
+    wall_seconds = seconds_before + time.time() - started
+
+    # --- final evaluation, Table 2 and figures ---
+    generator = torch.Generator(device).manual_seed(1)
+    final = evaluate(model, obs, test_pixels, args, device, images=args.eval_images, generator=generator)
+    iwae = evaluate(model, obs, test_pixels, args, device, k=args.iwae_k, images=args.iwae_images, generator=generator)
+    writer.close()
+    with torch.no_grad():
+        model.eval(), obs.eval()
+        x = to_unit(test_pixels[:256], device)
+        _, log_sigma = obs(model.decode(model.encode(x)[0]), x)
+        model.train(), obs.train()
+    sigma = log_sigma.exp()
+    sigma_summary = f"{sigma.mean().item():.4g}" if sigma.numel() == 1 else \
+        f"per pixel: median {sigma.median().item():.3g}, min {sigma.min().item():.3g}, max {sigma.max().item():.3g}"
+    os.makedirs(args.out, exist_ok=True)
+    name = f"{args.dataset}_{args.sigma}_{args.likelihood}"
+    recon_grid, generation_grid = figures(model, obs, test_pixels, args, device, torch.Generator(device).manual_seed(0))
+    save_png(recon_grid, os.path.join(args.out, f"{name}_reconstructions.png"))
+    save_png(generation_grid, os.path.join(args.out, f"{name}_generations.png"))
+    record = dict(dataset=args.dataset, sigma=args.sigma, sigma_value=args.sigma_value, likelihood=args.likelihood,
+                  epochs=args.epochs, train_images=len(train_pixels), final=final, iwae=iwae, iwae_k=args.iwae_k,
+                  iwae_images=args.iwae_images, sigma_summary=sigma_summary, wall_minutes=wall_seconds / 60,
+                  hardware=hardware(device), command=command, run_dir=run_dir)
+    with open(os.path.join(args.out, "runs.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    write_table2(args.out)
+    print(f"final: {json.dumps(final)}\nIWAE-{args.iwae_k}: {json.dumps(iwae)}\nwrote {args.out}/table2.md, "
+          f"{name}_reconstructions.png, {name}_generations.png")
+
+
+if __name__ == "__main__":
+    main(parse_args())

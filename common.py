@@ -4,13 +4,16 @@ Berger & Sebag, "Variational Auto-Encoders: Not all failures are equal" (paper.m
 
 - networks: `EnsembleLinear` and `ResNetMLP` (Sec. 4.1: a ResNet of 4 residual blocks of 200 units) with a
   leading *member* dimension, so that M independent models (seeds, settings) train as one batched computation;
-  `MLPVAE`, the Gaussian encoder + decoder built from them.
+  `MLPVAE`, the Gaussian encoder + decoder built from them; `ConvVAE`, App. B's conv encoder and decoder with
+  residual blocks for MNIST and CelebA.
 - observation models p(x|z) = N(mean, sigma^2), all parametrised through log sigma, one class each:
   `FixedSigma` (F-VAE), `LearnedScalarSigma` (LS-VAE, Eq. 10), `LearnedPerDimSigma` (LV-VAE, Eq. 11),
   `ScheduledSigma` (App. A.2: a fixed sigma that follows a recorded sigma(t)), `OptimalSigma` (the sigma-VAE of
   Rybkin et al. 2021, sigma^2 = batch MSE). Each turns the decoder output into (mean, log_sigma).
-- `gaussian_nll`, `gaussian_kl`, `elbo_terms`, `iwae_bound`: in nats, every normalising constant included.
+- `gaussian_nll`, `discretized_gaussian_nll`, `gaussian_kl`, `elbo_terms`, `iwae_bound`: in nats, every normalising
+  constant included; `bits_per_dim`, `dequantized_bits_per_dim`: the units of the paper's Table 2 and of the literature.
 - TensorBoard writer, sigma statistics, atomic checkpoints.
+- data: MNIST's IDX files (`load_mnist`, `download_mnist`) and CelebA's JPEGs with a uint8 cache (`load_celeba`).
 """
 
 import gzip
@@ -127,7 +130,7 @@ class ConvVAE(nn.Module):
     """Conv VAE of App. B: convs then residual blocks in the encoder, the mirror image in the decoder.
 
     widths[i] channels after conv i, strides[i] in {1, 2} (stride 2: 4x4 kernel halving the size; stride 1: 3x3).
-    MNIST: widths (32, 64, 128), strides (2, 2, 1), 4 blocks, latent 256: (B, 1, 28, 28) -> 128 x 7 x 7.
+    MNIST: widths (32, 64, 64), strides (2, 2, 1), 4 blocks, latent 256: (B, 1, 28, 28) -> 64 x 7 x 7.
     CelebA: widths (64, 128, 256, 256), strides (2, 2, 2, 2), 5 blocks, latent 2048: (B, 3, 64, 64) -> 256 x 4 x 4.
     The decoder outputs channels * decoder_outputs_per_dim maps (2 for LV-VAE: mean and raw log sigma per pixel).
     """

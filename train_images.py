@@ -56,7 +56,7 @@ from common import (
 )
 
 ARCHITECTURES = {  # App. B: MNIST 3 convs + 4 residual blocks, latent 256; CelebA 4 convs + 5 blocks, latent 2048
-    "mnist": dict(channels=1, size=28, widths=(32, 64, 128), strides=(2, 2, 1), blocks=4, latent_dim=256),
+    "mnist": dict(channels=1, size=28, widths=(32, 64, 64), strides=(2, 2, 1), blocks=4, latent_dim=256),
     "celeba": dict(channels=3, size=64, widths=(64, 128, 256, 256), strides=(2, 2, 2, 2), blocks=5, latent_dim=2048),
 }
 # The paper's Table 2 (ELBO, bits per pixel, "accounting for the log sigma term"), quoted beside ours, never among them.

@@ -25,6 +25,7 @@ import struct
 import sys
 import time
 import urllib.request
+import zipfile
 import zlib
 
 import numpy as np
@@ -394,24 +395,45 @@ def log_sigma_stats(writer, prefix, log_sigma, step):
     writer.add_histogram(f"{prefix}/log_sigma", log_sigma.flatten().cpu(), step)
 
 
+def write_file_atomically(path, write):
+    """Call write(f) on a temporary file next to path, flush it to disk, rename it to path; on failure remove it.
+
+    The rename is atomic: path holds the old file or the new one, never a part of it, even if the process is killed.
+    """
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp_path, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
 def save_checkpoint(path, state):
     """torch.save to a temporary file in the same folder, flushed to disk, then renamed: never a half-written file."""
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    with open(tmp_path, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
+    write_file_atomically(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, device="cpu"):
-    """Load a checkpoint written by `save_checkpoint`; one clear error line if it is missing or unreadable."""
+    """Load a checkpoint written by `save_checkpoint`; one clear error line if it is missing, damaged or unreadable.
+
+    torch.load does not check the CRC-32 that torch.save stores for every record of its zip file, so a flipped bit
+    in a tensor would load silently as a different weight: zipfile checks them first.
+    """
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path}; check the path given to --resume")
     try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # the first record whose CRC-32 does not match, or None
+        if damaged is not None:
+            raise ValueError(f"record {damaged} fails its CRC-32 check")
         return torch.load(path, map_location=device, weights_only=False)
-    except Exception as error:  # torch raises several types for a corrupt file
-        raise SystemExit(f"error: checkpoint {path} is corrupt or not a checkpoint ({error}); start without --resume")
+    except Exception as error:  # zipfile and torch raise several types for a damaged file
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SystemExit(f"error: checkpoint {path} is corrupt or not a checkpoint ({reason}); start without --resume")
 
 
 def pick_device(name):
@@ -428,20 +450,6 @@ def pick_device(name):
 
 class DataError(Exception):
     """A missing, corrupt or inconsistent data file. The message is one line that names the file and the fix."""
-
-
-def write_file_atomically(path, write):
-    """Call write(f) on a temporary file next to path, flush it to disk, rename it to path; on failure remove it."""
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp_path, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
 
 
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
@@ -466,8 +474,11 @@ def read_idx(path, magic):
     Checks the big-endian header and that the payload is exactly n * rows * cols bytes.
     """
     fix = "delete it and re-run with --download"
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:  # unreadable: permissions, an I/O error
+        raise DataError(f"error: cannot read {path} ({error.strerror}); check the file, or {fix}")
     if str(path).endswith(".gz"):
         try:
             data = gzip.decompress(data)
@@ -520,6 +531,8 @@ def load_mnist(data_dir, split, download=False):
     fix = "delete it and re-run with --download"
     if images.shape[1:] != (28, 28):
         raise DataError(f"error: {images_path} holds {images.shape[1]}x{images.shape[2]} images, not 28x28; {fix}")
+    if len(images) == 0:
+        raise DataError(f"error: {images_path} holds no images; {fix}")
     if len(labels) != len(images):
         raise DataError(
             f"error: {images_path} has {len(images)} images but {labels_path} has {len(labels)} labels;"

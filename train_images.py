@@ -4,6 +4,7 @@
     python train_images.py --dataset mnist --sigma fixed --epochs 10   # F-VAE, sigma = 1/sqrt(2): the MSE loss
     python train_images.py --dataset celeba --sigma learned --data-dir data/celeba
     python train_images.py --resume runs/<run>/ckpt.pt --epochs 20     # continue a run exactly where it stopped
+    torchrun --nproc_per_node 4 train_images.py --dataset celeba --data-dir data/celeba   # 4 GPUs, DDP
     tensorboard --logdir runs
 
 Data are pixel / 255 in [0, 1]. The continuous Gaussian density of such data is unbounded as sigma -> 0 (a per-pixel
@@ -14,20 +15,33 @@ Evaluation on the test split, in two conventions: the paper's Table 2 (bits per 
 [0, 1] data, log sigma and all constants included; higher is better) and the literature's (bits per dimension of the
 8-bit data, lower is better: -log2 P(pixels) under the discretized likelihood, or its bound log2(255) - log2 p(x~)
 under uniform dequantization x~ = (pixel + u - 1/2) / 255); each as a one-sample ELBO and an IWAE-k bound.
+
+Under torchrun (RANK, WORLD_SIZE and LOCAL_RANK set) each process trains a DistributedDataParallel replica, NCCL on
+GPUs and gloo on the CPU: it takes its slice of every global batch of --batch-size x processes images and its share
+of the test images; rank 0 alone logs and writes checkpoints, figures and tables. Fail safe: a NaN or Inf in the loss
+or the gradients stops the run before the update with one line, and the last checkpoint stays as it was; SIGINT or
+SIGTERM finishes the current step, saves a checkpoint that --resume continues exactly, and exits with 128 + signal.
+Test-only hooks, inert unless set: VAE_INJECT_NAN_AT_STEP=N poisons step N's batch with NaN (N:gradients poisons its
+gradients instead); VAE_SIGNAL_AT_STEP=N makes the process send itself SIGTERM during step N.
 """
 
 import argparse
+import contextlib
+import datetime
 import json
 import math
 import os
 import platform
 import random
+import signal
 import sys
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from kernels.gaussian_nll import TRITON_AVAILABLE
@@ -63,6 +77,7 @@ ARCHITECTURES = {  # App. B: MNIST 3 convs + 4 residual blocks, latent 256; Cele
 PAPER_TABLE2 = {("mnist", "fixed"): "0.06", ("mnist", "learned"): "4.89",
                 ("celeba", "fixed"): "5.52", ("celeba", "learned"): "57.51"}
 SIGMA_NAMES = {"fixed": "F-VAE", "learned-scalar": "LS-VAE", "learned": "LV-VAE", "optimal": "sigma-VAE"}
+CHECKPOINT_KEYS = ["model", "obs", "optimizer", "epoch", "step", "args", "data_rng", "torch_rng"]  # what --resume needs
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
 parser.add_argument("--dataset", choices=ARCHITECTURES, default="mnist", help="default mnist")
@@ -82,7 +97,8 @@ parser.add_argument("--nll-kernel", choices=["auto", "triton", "torch"], default
                     help="continuous likelihood: the fused Triton kernel (kernels/gaussian_nll.py) or eager PyTorch; "
                     "auto (default): Triton on CUDA when it imports, PyTorch otherwise")
 parser.add_argument("--epochs", type=int, default=10, help="passes over the training images (default 10)")
-parser.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
+parser.add_argument("--batch-size", type=int, default=128, help="images per step and process (default 128); under "
+                    "torchrun the global batch is this x processes")
 parser.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
 parser.add_argument("--seed", type=int, default=0, help="seeds weights, batches and noise (default 0)")
 parser.add_argument("--max-train-images", type=int, help="use only the first N training images (short runs)")
@@ -131,6 +147,61 @@ def parse_args(argv=None):
 # --- helpers ---
 
 
+def init_distributed(args):
+    """(rank, world_size, local_rank, device). Under torchrun: join the process group, NCCL on GPUs, gloo on the CPU."""
+    device = pick_device(args.device)
+    if not all(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return 0, 1, 0, device
+    rank, world_size, local_rank = (int(os.environ[key]) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"error: LOCAL_RANK {local_rank} but {torch.cuda.device_count()} CUDA devices are "
+                             "visible; use one process per GPU (--nproc_per_node) or --device cpu")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    # An hour, not the default 10 (NCCL) or 30 (gloo) minutes: the first CelebA run decodes every JPEG on local rank 0
+    # while the other ranks wait at a barrier.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
+    return rank, world_size, local_rank, device
+
+
+class ELBO(torch.nn.Module):
+    """The VAE and its observation model as one module whose forward is `elbo_terms`: what DDP wraps and syncs."""
+
+    def __init__(self, model, obs, nll):
+        super().__init__()
+        self.model, self.obs, self.nll = model, obs, nll
+
+    def forward(self, x, eps):
+        return elbo_terms(self.model, self.obs, x, eps, event_dims=3, nll=self.nll)
+
+
+def max_over_ranks(values):
+    """A 1-D tensor -> its elementwise maximum over all ranks under torchrun (a collective), as a list."""
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values.tolist()
+
+
+def stop_together(error, device):
+    """Stop every rank if any failed (error: its one line, or None): a rank that exits alone leaves the others hanging
+    in their next collective. The ranks that failed print their line, the others exit quietly with status 1."""
+    [failed] = max_over_ranks(torch.tensor([float(error is not None)], device=device))
+    if failed:
+        raise SystemExit(1 if error is None else error)
+
+
+def likely_fix(args):
+    """What most often makes this setting's loss or gradients non-finite, and the flag that changes it."""
+    lower_lr = f"lower --lr (now {args.lr:g})"
+    if args.sigma == "fixed":
+        return f"{lower_lr}, or raise --sigma-value (now {args.sigma_value:.3g}): gradients grow as 1/sigma^2"
+    if args.likelihood == "continuous":
+        return (f"{lower_lr}, or use --likelihood discretized: the continuous density grows without bound as sigma "
+                "falls towards its floor (sigma >= 0.0025)")
+    return lower_lr
+
+
 def load_split(args, split):
     if args.dataset == "mnist":
         return load_mnist(args.data_dir, split, download=args.download)
@@ -172,13 +243,18 @@ def to_unit(pixels, device):
 
 @torch.no_grad()
 def evaluate(model, obs, test_pixels, args, device, k=1, images=None, generator=None):
-    """Test-split bounds in both conventions. k = 1: the one-sample ELBO; k > 1: the IWAE-k bound."""
+    """Test-split bounds in both conventions. k = 1: the one-sample ELBO; k > 1: the IWAE-k bound.
+
+    Under torchrun each rank evaluates its share of the images and the sums are all-reduced: every rank returns the
+    same figures, those of all the images.
+    """
     model.eval(), obs.eval()
     nll, pixels = likelihood(args, device), test_pixels[: images or len(test_pixels)]
-    dims = pixels[0].numel()
+    dims, n = pixels[0].numel(), len(pixels)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     sums = dict(table2=0.0, eight_bit=0.0)
     batch = max(1, args.batch_size * 4 // k)
-    for part in pixels.split(batch):
+    for part in pixels[rank * n // world_size : (rank + 1) * n // world_size].split(batch):
         x = to_unit(part, device)
         bound = lambda data: iwae_bound(model, obs, data, k, generator, 3, nll) if k > 1 else \
             elbo_terms(model, obs, data, event_dims=3, nll=nll)[2]
@@ -189,7 +265,10 @@ def evaluate(model, obs, test_pixels, args, device, k=1, images=None, generator=
         else:
             sums["eight_bit"] += bound(x).sum().item()  # log P(pixels)
     model.train(), obs.train()
-    n = len(pixels)
+    if world_size > 1:
+        totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        sums = dict(zip(sums, totals.tolist()))
     if args.likelihood == "continuous":
         return {"nats_per_image": sums["table2"] / n,
                 "table2_bits_per_pixel": bits_per_dim(sums["table2"] / n, dims),
@@ -277,23 +356,36 @@ def write_table2(out):
 
 
 def main(args):
-    command = "python " + " ".join(sys.argv)
-    state = None
+    rank, world_size, local_rank, device = init_distributed(args)
+    launcher = "python" if world_size == 1 else \
+        f"torchrun --nnodes {world_size // int(os.environ.get('LOCAL_WORLD_SIZE', world_size))} " \
+        f"--nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world_size)}"
+    command = f"{launcher} {' '.join(sys.argv)}"
+    state, error = None, None
     if args.resume:
-        state = load_checkpoint(args.resume)
-        if "args" not in state or "model" not in state:
-            raise SystemExit(f"error: {args.resume} is not a train_images.py checkpoint; start without --resume")
+        try:
+            state = load_checkpoint(args.resume)
+        except SystemExit as failure:  # its one line
+            error = failure.code
+        missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else ["model"]
+        if error is None and missing:
+            error = f"error: {args.resume} is not a train_images.py checkpoint (it has no {missing[0]}); start " \
+                "without --resume"
+        stop_together(error, device)
         saved = argparse.Namespace(**state["args"])
         saved.epochs, saved.device, saved.out, saved.resume = args.epochs, args.device, args.out, args.resume
         args = saved
-    device = pick_device(args.device)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
 
     # --- data ---
-    try:
-        train_pixels, test_pixels = load_split(args, "train"), load_split(args, "test")
-    except DataError as error:
-        raise SystemExit(str(error))
+    # Local rank 0 of each machine reads first (it may download MNIST or build CelebA's cache), the others after it.
+    for turn in range(2 if world_size > 1 else 1):
+        if (local_rank == 0) == (turn == 0):
+            try:
+                train_pixels, test_pixels = load_split(args, "train"), load_split(args, "test")
+            except DataError as failure:
+                error = str(failure)
+        stop_together(error, device)
     train_pixels = train_pixels[: args.max_train_images]
     args.eval_images = min(args.eval_images, len(test_pixels))
     args.iwae_images = min(args.iwae_images, len(test_pixels))
@@ -301,9 +393,10 @@ def main(args):
     # --- model ---
     model, obs = make_model(args)
     model, obs = model.to(device), obs.to(device)
-    optimizer = torch.optim.Adam(list(model.parameters()) + list(obs.parameters()), lr=args.lr)
+    parameters = list(model.parameters()) + list(obs.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=args.lr)
     data_generator = torch.Generator().manual_seed(args.seed)
-    start_epoch, step, run_dir = 0, 0, None
+    start_epoch, step, position, run_dir, last_checkpoint = 0, 0, 0, None, None
     if state is not None:
         try:
             model.load_state_dict(state["model"]), obs.load_state_dict(state["obs"])
@@ -312,42 +405,119 @@ def main(args):
             raise SystemExit(f"error: {args.resume} does not match this model ({str(error).splitlines()[0]}); "
                              "start without --resume")
         start_epoch, step, run_dir = state["epoch"], state["step"], os.path.dirname(os.path.abspath(args.resume))
+        position, last_checkpoint = state.get("position", 0), f"{args.resume} (step {step})"
         data_generator.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"])
-    run_dir = run_dir or os.path.join(args.logdir, run_name("train_images", args.dataset, args.sigma, args.seed))
-    os.makedirs(run_dir, exist_ok=True)
-    writer = make_writer(run_dir, args)
+    # A signal only sets a flag: the loop finishes its step, saves a checkpoint and exits (stop_and_exit).
+    # Set before DDP's first collective, so that once rank 0 has said it started, every rank has its handlers.
+    signals_received = []
+    for name in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(name, lambda number, frame: signals_received.append(number))
     nll = likelihood(args, device)
-    nll_path = "discretized (PyTorch)" if args.likelihood == "discretized" else \
-        "continuous, fused Triton kernel" if nll is not gaussian_nll else "continuous, PyTorch"
-    print(f"train_images: {args.dataset} ({len(train_pixels)} train, {len(test_pixels)} test images), "
-          f"{SIGMA_NAMES[args.sigma]}, likelihood {nll_path}, {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters, on {hardware(device)}; run {run_dir}")
+    train_elbo = ELBO(model, obs, nll)
+    if world_size > 1:  # averages the gradients over the ranks in backward(), i.e. over the global batch
+        train_elbo = DistributedDataParallel(train_elbo, device_ids=[device] if device.type == "cuda" else None)
+    writer = None
+    if rank == 0:
+        run_dir = run_dir or os.path.join(args.logdir, run_name("train_images", args.dataset, args.sigma, args.seed))
+        os.makedirs(run_dir, exist_ok=True)
+        writer = make_writer(run_dir, args)
+        nll_path = "discretized (PyTorch)" if args.likelihood == "discretized" else \
+            "continuous, fused Triton kernel" if nll is not gaussian_nll else "continuous, PyTorch"
+        processes = "" if world_size == 1 else \
+            f", {world_size} processes ({dist.get_backend()}), global batch {args.batch_size * world_size}"
+        print(f"train_images: {args.dataset} ({len(train_pixels)} train, {len(test_pixels)} test images), "
+              f"{SIGMA_NAMES[args.sigma]}, likelihood {nll_path}, {sum(p.numel() for p in model.parameters()):,} "
+              f"parameters, on {hardware(device)}{processes}; run {run_dir}")
+        if state is not None and state.get("world_size", 1) != world_size:
+            print(f"train_images: note: {args.resume} was written by {state.get('world_size', 1)} processes, this run "
+                  f"has {world_size}: the global batch changes, so the run continues but not as it would have")
+    checkpoint_path = os.path.join(run_dir, "ckpt.pt") if rank == 0 else None
+
+    def save(epoch, position, data_rng, test):
+        """ckpt.pt (rank 0): resuming from it draws epoch `epoch`'s order from data_rng and skips `position` images."""
+        save_checkpoint(checkpoint_path, {
+            "model": model.state_dict(), "obs": obs.state_dict(), "optimizer": optimizer.state_dict(),
+            "epoch": epoch, "position": position, "step": step, "world_size": world_size,
+            "args": {k: v for k, v in vars(args).items() if k != "resume"},
+            "data_rng": data_rng, "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, "test": test,
+            "wall_seconds": seconds_before + time.time() - started,
+        })
+        return f"{checkpoint_path} (step {step})"
+
+    def stop_and_exit(signum, where):
+        """After a SIGINT or SIGTERM, once the checkpoint is saved: one line from rank 0, every rank exits together."""
+        if writer is not None:
+            writer.close()
+        if world_size > 1:
+            dist.barrier()
+        if rank == 0:
+            print(f"train_images: {signal.Signals(signum).name} received; stopped {where}, saved {last_checkpoint}; "
+                  f"continue with: {launcher} {sys.argv[0]} --resume {checkpoint_path} --epochs {args.epochs} "
+                  f"--out {args.out}", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    nan_step, _, nan_target = os.environ.get("VAE_INJECT_NAN_AT_STEP", "").partition(":")  # test-only hooks
+    signal_step = os.environ.get("VAE_SIGNAL_AT_STEP")
+    # Each rank evaluates a different share of the test images, drawing different amounts of noise: under torchrun
+    # that happens on a fork of the RNG, so that the training noise stays in step across ranks.
+    rng_fork = (lambda: torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])) \
+        if world_size > 1 else contextlib.nullcontext
 
     # --- training loop ---
     started, seconds_before = time.time(), state.get("wall_seconds", 0.0) if state else 0.0
-    dims = train_pixels[0].numel()
+    dims, test = train_pixels[0].numel(), state.get("test") if state else None
     for epoch in range(start_epoch, args.epochs):
+        epoch_data_rng = data_generator.get_state()
         order = torch.randperm(len(train_pixels), generator=data_generator)
-        progress = tqdm(order.split(args.batch_size), desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
-                        mininterval=2, file=sys.stdout)
-        epoch_started = time.time()
-        for indices in progress:
-            x = to_unit(train_pixels[indices], device)
-            recon_nll, kl, elbo, (_, log_sigma) = elbo_terms(model, obs, x, event_dims=3, nll=nll)
+        # Global batches of batch_size x world_size images, one order on every rank (same seed); rank r takes slice r
+        # of each, so the shards are disjoint and equal. The last len % world_size images sit this epoch out.
+        order = order[: len(order) - len(order) % world_size]
+        global_batch_size = args.batch_size * world_size
+        # After a stop in an epoch's last step nothing remains, and split() would still give one empty batch.
+        remaining = order[position:].split(global_batch_size) if position < len(order) else []
+        progress = tqdm(remaining, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
+                        initial=math.ceil(position / global_batch_size),
+                        total=math.ceil(len(order) / global_batch_size), mininterval=2, file=sys.stdout,
+                        disable=rank != 0)
+        epoch_started, batches = time.time(), 0
+        for global_batch in progress:
+            x = to_unit(train_pixels[global_batch.view(world_size, -1)[rank]], device)
+            # The global batch's reparametrisation noise, drawn on every rank, each taking its rows: the ranks' RNGs
+            # stay in step (one RNG state in the checkpoint resumes them all); one process draws what randn_like did.
+            eps = torch.randn(len(global_batch), model.latent_dim, device=device).view(world_size, len(x), -1)[rank]
+            if nan_step == str(step + 1) and nan_target != "gradients":
+                x = x * float("nan")
+            recon_nll, kl, elbo, (_, log_sigma) = train_elbo(x, eps)
             loss = -elbo.mean()  # nats per image
-            if not torch.isfinite(loss):
-                raise SystemExit(f"error: non-finite loss at step {step} (epoch {epoch + 1}); the last good checkpoint "
-                                 f"is {run_dir}/ckpt.pt; lower --lr (now {args.lr}) or use --likelihood discretized")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if nan_step == str(step + 1) and nan_target == "gradients":
+                parameters[0].grad.view(-1)[0] = float("nan")
+            if signal_step == str(step + 1):
+                os.kill(os.getpid(), signal.SIGTERM)
+            # One reduction and one sync a step: is the loss finite, is the gradient norm finite, was a signal received
+            # (on any rank: every rank must stop at the same step or the next all-reduce would hang).
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+            signum = torch.tensor(float(max(signals_received, default=0)), device=device)
+            bad_loss, bad_gradients, signum = max_over_ranks(
+                torch.stack([(~loss.detach().isfinite()).float(), (~grad_norm.isfinite()).float(), signum]))
+            if bad_loss or bad_gradients:
+                if writer is not None:
+                    writer.close()
+                raise SystemExit(
+                    f"error: non-finite {'loss' if bad_loss else 'gradients'} at step {step + 1} (epoch {epoch + 1}, "
+                    f"{SIGMA_NAMES[args.sigma]}, {args.likelihood} likelihood); the update was skipped and nothing "
+                    f"saved, the last good checkpoint is {last_checkpoint or 'none: no epoch had finished'}; likely "
+                    f"fix: {likely_fix(args)}" if rank == 0 else 1)
             optimizer.step()
-            step += 1
-            if step % args.log_every == 0:
-                images_per_second = len(x) * progress.n / max(time.time() - epoch_started, 1e-9)
-                writer.add_scalar("train/elbo", -loss.item(), step)
+            step, batches, position = step + 1, batches + 1, position + len(global_batch)
+            if rank == 0 and step % args.log_every == 0:
+                images_per_second = global_batch_size * batches / max(time.time() - epoch_started, 1e-9)
+                writer.add_scalar("train/elbo", -loss.item(), step)  # rank 0's share of the global batch
                 writer.add_scalar("train/recon_nll", recon_nll.mean().item(), step)
                 writer.add_scalar("train/kl", kl.mean().item(), step)
                 writer.add_scalar("train/elbo_bits_per_dim", bits_per_dim(-loss.item(), dims), step)
@@ -355,28 +525,35 @@ def main(args):
                 log_sigma_stats(writer, "train", log_sigma, step)
                 progress.set_postfix_str(f"elbo {-loss.item():.1f} kl {kl.mean().item():.1f} "
                                          f"sigma {log_sigma.exp().mean().item():.3g} {images_per_second:.0f} img/s")
-        test = evaluate(model, obs, test_pixels, args, device, images=args.eval_images)
-        for key, value in test.items():
-            if value is not None:
-                writer.add_scalar(f"eval/{key}", value, step)
-        recon_grid, generation_grid = figures(model, obs, test_pixels, args, device, torch.Generator(device).manual_seed(0))
-        writer.add_image("eval/reconstructions", recon_grid, step, dataformats="HWC")
-        writer.add_image("eval/generations_means_then_samples", generation_grid, step, dataformats="HWC")
-        print(f"epoch {epoch + 1}: test ELBO {test['nats_per_image']:.2f} nats/image, "
-              f"8-bit {test['bits_per_dim_8bit']:.3f} bits/dim")
-        save_checkpoint(os.path.join(run_dir, "ckpt.pt"), {
-            "model": model.state_dict(), "obs": obs.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch + 1, "step": step, "args": {k: v for k, v in vars(args).items() if k != "resume"},
-            "data_rng": data_generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, "test": test,
-            "wall_seconds": seconds_before + time.time() - started,
-        })
+            if signum:
+                if rank == 0:
+                    last_checkpoint = save(epoch, position, epoch_data_rng, test)
+                stop_and_exit(int(signum), f"after step {step} (epoch {epoch + 1}, {position} of {len(order)} images)")
+        position = 0
+        with rng_fork():
+            test = evaluate(model, obs, test_pixels, args, device, images=args.eval_images)
+        if rank == 0:
+            for key, value in test.items():
+                if value is not None:
+                    writer.add_scalar(f"eval/{key}", value, step)
+            recon_grid, generation_grid = figures(model, obs, test_pixels, args, device,
+                                                  torch.Generator(device).manual_seed(0))
+            writer.add_image("eval/reconstructions", recon_grid, step, dataformats="HWC")
+            writer.add_image("eval/generations_means_then_samples", generation_grid, step, dataformats="HWC")
+            print(f"epoch {epoch + 1}: test ELBO {test['nats_per_image']:.2f} nats/image, "
+                  f"8-bit {test['bits_per_dim_8bit']:.3f} bits/dim")
+            last_checkpoint = save(epoch + 1, 0, data_generator.get_state(), test)
+        [signum] = max_over_ranks(torch.tensor([float(max(signals_received, default=0))], device=device))
+        if signum:
+            stop_and_exit(int(signum), f"after epoch {epoch + 1}")
     wall_seconds = seconds_before + time.time() - started
 
     # --- final evaluation, Table 2 and figures ---
-    generator = torch.Generator(device).manual_seed(1)
+    generator = torch.Generator(device).manual_seed(1 + rank)
     final = evaluate(model, obs, test_pixels, args, device, images=args.eval_images, generator=generator)
     iwae = evaluate(model, obs, test_pixels, args, device, k=args.iwae_k, images=args.iwae_images, generator=generator)
+    if rank != 0:
+        return
     writer.close()
     with torch.no_grad():
         model.eval(), obs.eval()
@@ -394,7 +571,8 @@ def main(args):
     record = dict(dataset=args.dataset, sigma=args.sigma, sigma_value=args.sigma_value, likelihood=args.likelihood,
                   epochs=args.epochs, train_images=len(train_pixels), final=final, iwae=iwae, iwae_k=args.iwae_k,
                   iwae_images=args.iwae_images, sigma_summary=sigma_summary, wall_minutes=wall_seconds / 60,
-                  hardware=hardware(device), command=command, run_dir=run_dir)
+                  hardware=hardware(device) if world_size == 1 else f"{world_size} x {hardware(device)}",
+                  processes=world_size, command=command, run_dir=run_dir)
     with open(os.path.join(args.out, "runs.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
     write_table2(args.out)
@@ -403,4 +581,13 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except SystemExit as error:
+        # Under torchrun every rank may fail alike (bad data, bad checkpoint): the others than rank 0 name their rank.
+        if isinstance(error.code, str) and int(os.environ.get("RANK", 0)) > 0:
+            raise SystemExit(f"[rank {os.environ['RANK']}] {error.code}")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

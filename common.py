@@ -436,6 +436,17 @@ def load_checkpoint(path, device="cpu"):
         raise SystemExit(f"error: checkpoint {path} is corrupt or not a checkpoint ({reason}); start without --resume")
 
 
+def hardware(device=torch.device("cpu")):
+    """One line naming what a run ran on: the GPU, or the CPU model and its thread count; and torch's version."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        models = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")] \
+            if os.path.exists("/proc/cpuinfo") else []
+        name = f"CPU {models[0] if models else 'unknown'}, {torch.get_num_threads()} threads"
+    return f"{name}, torch {torch.__version__}"
+
+
 def pick_device(name):
     """--device auto|cpu|cuda -> torch.device; asking for cuda without one is an error, not a silent fallback."""
     if name == "auto":

@@ -21,7 +21,6 @@ and reparametrisation noise, so the settings differ only in their observation mo
 import argparse
 import math
 import os
-import platform
 import sys
 import time
 
@@ -38,6 +37,7 @@ from common import (
     OptimalSigma,
     ScheduledSigma,
     elbo_terms,
+    hardware,
     iwae_bound,
     log_sigma_stats,
     make_writer,
@@ -272,14 +272,6 @@ def evaluate(ens, x_eval, args):
 # --- the experiment ---
 
 
-def hardware():
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-
-
 def mean_std(values, fmt="{:.3f}"):
     values = np.asarray(values, dtype=np.float64)
     return f"{fmt.format(values.mean())} ± {fmt.format(values.std(ddof=1) if len(values) > 1 else 0.0)}"
@@ -290,7 +282,7 @@ def main(args):
     command = "python " + " ".join(sys.argv)
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"train_2d: preset {args.preset}: {args.seeds} seeds x {args.steps} steps, ResNets of {args.blocks} blocks "
-          f"of {args.hidden} units (paper: {PRESETS['paper']}), on {device} ({hardware()})")
+          f"of {args.hidden} units (paper: {PRESETS['paper']}), on {hardware(device)}")
     started = time.time()
 
     # Phase 1: the rows that need nothing from another row. One ensemble per decoder shape.
@@ -327,7 +319,8 @@ def main(args):
     for ens in ensembles:
         results.update(evaluate(ens, x_eval.to(device), args))
     data_log_p = data_log_density(x_eval)
-    write_table(args, results, history, data_log_p, command, train_seconds, phase_seconds, time.time() - started)
+    write_table(args, results, history, data_log_p, command, hardware(device), train_seconds, phase_seconds,
+                time.time() - started)
 
     # --- figures ---
     write_figures(args, ensembles, history, x_eval, u_eval, command)
@@ -337,7 +330,7 @@ def main(args):
 # --- Table 1 ---
 
 
-def write_table(args, results, history, data_log_p, command, train_seconds, phase_seconds, total_seconds):
+def write_table(args, results, history, data_log_p, command, machine, train_seconds, phase_seconds, total_seconds):
     half_log_2pi_d = math.log(2 * math.pi)  # D/2 log 2pi with D = 2: the constant the paper's ELBO leaves out
     ls_sigma = history["LS-VAE"]["log_sigma"] if "LS-VAE" in history else None
     lines = [
@@ -347,7 +340,7 @@ def write_table(args, results, history, data_log_p, command, train_seconds, phas
         "",
         f"Preset `{args.preset}`: {args.seeds} seeds per setting (seeds {args.seed}..{args.seed + args.seeds - 1}), "
         f"{args.steps} steps of {args.batch_size} fresh points, Adam lr {args.lr}, ResNet MLPs of {args.blocks} "
-        f"blocks x {args.hidden} units, latent dimension {args.latent_dim}. Hardware: {hardware()}. Training took "
+        f"blocks x {args.hidden} units, latent dimension {args.latent_dim}. Hardware: {machine}. Training took "
         f"{train_seconds / 60:.1f} min ({' + '.join(f'{s / 60:.1f}' for s in phase_seconds)} for phases 1 and 2); "
         f"everything with evaluation and figures {total_seconds / 60:.1f} min.",
         "",

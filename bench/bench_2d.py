@@ -10,14 +10,13 @@ with its own Adam. Both do the same arithmetic. Writes results/bench_2d.md.
 
 import argparse
 import os
-import platform
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import LearnedScalarSigma, MLPVAE, elbo_terms, pick_device  # noqa: E402
+from common import LearnedScalarSigma, MLPVAE, elbo_terms, hardware, pick_device  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--members", type=int, nargs="+", default=[10, 40], help="ensemble sizes M (default 10 40)")
@@ -55,14 +54,6 @@ def steps_per_second(run_one_step):
     return args.steps / (time.perf_counter() - started)
 
 
-def hardware():
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")] \
-        if os.path.exists("/proc/cpuinfo") else []
-    return f"{names[0] if names else platform.processor()}, {torch.get_num_threads()} threads"
-
-
 rows = []
 for members in args.members:
     x, eps = torch.randn(members, 100, 2, device=device), torch.randn(members, 100, 2, device=device)
@@ -80,7 +71,7 @@ table = "\n".join([
     "",
     f"Command: `python {' '.join(sys.argv)}`",
     "",
-    f"Hardware: {hardware()}; torch {torch.__version__}. Model: ResNet MLPs of 4 blocks x {args.hidden} units, "
+    f"Hardware: {hardware(device)}. Model: ResNet MLPs of 4 blocks x {args.hidden} units, "
     f"batch 100, LS-VAE loss, Adam. {args.steps} timed steps after 3 warm-up steps. A step trains all M models once.",
     "",
     "| models M | ensemble steps/s | loop steps/s | speed-up | ensemble model-steps/s | loop model-steps/s |",

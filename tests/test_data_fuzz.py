@@ -11,7 +11,6 @@ Never an unhandled exception. bench/reliability.py runs the same faults on more 
 """
 
 import gzip
-import io
 import math
 import struct
 import tempfile
@@ -21,9 +20,9 @@ import numpy as np
 import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
-from common import CELEBA_CROP, CELEBA_SIZE, DataError, decode_celeba_jpeg, load_celeba, load_mnist, read_idx
+from bench.reliability import face_jpeg, pillow_decode  # the same synthetic JPEG and reference decoder
+from common import CELEBA_SIZE, DataError, decode_celeba_jpeg, load_celeba, load_mnist, read_idx
 
 FUZZ = settings(max_examples=300, deadline=None)
 
@@ -144,31 +143,6 @@ def test_a_damaged_gzip_stream_gives_one_line_or_the_original(damage):
 
 
 # --- CelebA's JPEGs ---
-
-
-def face_jpeg(seed, size=(89, 109)):
-    """A JPEG of CelebA's aspect ratio (half size, for speed) with smooth shapes and noise, as a face would have."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0 : size[1], 0 : size[0]]
-    channels = [127 + 100 * np.sin(x / (5 + 3 * c) + y / (7 + c) + seed) for c in range(3)]
-    pixels = np.stack(channels, -1) + rng.normal(0, 12, (size[1], size[0], 3))
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def pillow_decode(data, size):
-    """What Pillow makes of these bytes by decode_celeba_jpeg's recipe (its crop box, bicubic); None if it refuses."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image = image.convert("RGB")
-    except Exception:
-        return None
-    width, height = image.size
-    if width * CELEBA_SIZE[1] != height * CELEBA_SIZE[0]:
-        return None
-    box = tuple(corner * width / CELEBA_SIZE[0] for corner in CELEBA_CROP)
-    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=box)).transpose(2, 0, 1)
 
 
 JPEG = face_jpeg(0)

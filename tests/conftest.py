@@ -1,5 +1,9 @@
 import os
 import sys
 
+# Triton decides at @triton.jit time whether a kernel runs in its CPU interpreter, so this must be set before any
+# test module imports kernels/ (directly, or through train_images.py): the kernel tests run on CPU tensors.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tests import the scripts as modules from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -412,6 +412,15 @@ def write_file_atomically(path, write):
             os.remove(tmp_path)
 
 
+def save_figure(fig, path, command):
+    """Save a matplotlib figure as PNG with the command that made it, in a footer and in the PNG's metadata."""
+    import matplotlib.pyplot as plt
+
+    fig.text(0.01, 0.003, command, fontsize=6, color="gray", va="bottom")
+    fig.savefig(path, dpi=110, metadata={"Description": command})
+    plt.close(fig)
+
+
 def save_checkpoint(path, state):
     """torch.save to a temporary file in the same folder, flushed to disk, then renamed: never a half-written file."""
     write_file_atomically(path, lambda f: torch.save(state, f))

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from scipy import integrate, optimize, special
 
-from common import FixedSigma, MLPVAE, elbo_terms, pick_device
+from common import FixedSigma, MLPVAE, elbo_terms, pick_device, save_figure
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
 parser.add_argument("--dims", type=int, nargs="+", default=[2, 3, 5, 10, 100, 1000],
@@ -174,14 +174,6 @@ def train_on_sphere(D, args, device, radius=1.0):
 
 
 # --- outputs ---
-
-
-def save_figure(fig, path, command):
-    import matplotlib.pyplot as plt
-
-    fig.text(0.01, 0.003, command, fontsize=6, color="gray", va="bottom")
-    fig.savefig(path, dpi=110, metadata={"Description": command})
-    plt.close(fig)
 
 
 def heatmap(D, path, command):

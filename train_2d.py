@@ -43,6 +43,7 @@ from common import (
     make_writer,
     pick_device,
     run_name,
+    save_figure,
 )
 
 PRESETS = {  # steps, seeds, hidden units; the paper: ResNets of 4 blocks of 200 units, 10 runs per setting
@@ -379,14 +380,6 @@ def write_table(args, results, history, data_log_p, command, machine, train_seco
 
 
 # --- figures ---
-
-
-def save_figure(fig, path, command):
-    import matplotlib.pyplot as plt
-
-    fig.text(0.01, 0.003, command, fontsize=6, color="gray", va="bottom")
-    fig.savefig(path, dpi=110, metadata={"Description": command})
-    plt.close(fig)
 
 
 @torch.no_grad()

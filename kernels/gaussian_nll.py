@@ -20,9 +20,21 @@ PyTorch from grad_mu.
 
 Broadcast log_sigma. The fused path is written for a per-pixel log_sigma of the same shape as mu (LV-VAE, Eq. 11).
 A log_sigma that broadcasts to x (a learned scalar, Eq. 10, or one value per channel) is expanded to x's shape
-and made contiguous before the kernels run, and autograd sums grad_log_sigma back to log_sigma's shape through
-that expand. This costs one tensor of x's size in each direction; a scalar-sigma kernel would avoid it, but LS-VAE
-is not the model this kernel is for.
+and materialised in x's memory layout before the kernels run, and autograd sums grad_log_sigma back to log_sigma's
+shape through that expand. This costs one tensor of x's size in each direction; a scalar-sigma kernel would avoid
+it, but LS-VAE is not the model this kernel is for.
+
+Layout. The kernels read element i of sample n at offset n * D + i, so they are right for any layout in which each
+sample's D elements fill one dense block (batch stride D) and x, mean, log_sigma share strides: NCHW-contiguous,
+channels_last, or any other order of the non-batch dimensions. Such inputs go in as they are; anything else is
+copied into x's layout first (into channels_last or NCHW, whichever x's strides suggest, if x itself is not dense
+that way), and the gradients come back in that layout, so a channels_last model gets channels_last gradients.
+
+torch.compile. The two launchers are custom ops (vae::gaussian_nll_fwd, vae::gaussian_nll_bwd) with fake
+functions that give the real outputs' shapes, dtypes and strides, and the backward is registered on the forward op,
+so a compiled model calls the kernels without a graph break. Nothing in them syncs with the host, so CUDA graphs
+(mode="reduce-overhead") can capture them. The layout check runs inside the ops, on the tensors the compiled graph
+actually passes (Inductor keeps a custom op's input strides exactly only from torch 2.8; before, only their order).
 
 Reduction. Both grids are (samples, chunks of the flattened row); samples go on axis 0, the one CUDA lets pass
 65535. Each forward program writes the fp32 sum of its chunk to a (N, chunks) buffer and a torch .sum(1) finishes
@@ -33,7 +45,8 @@ i.e. a second launch anyway.
 
 Not fused yet: the discretized likelihood (Gaussian mass of each 1/256 bin of 8-bit pixels) remains to be done.
 
-Tests: tests/test_gaussian_nll.py (kernels against the reference on CPU with TRITON_INTERPRET=1).
+Tests: tests/test_gaussian_nll.py (kernels against the reference on CPU with TRITON_INTERPRET=1, opcheck of the
+custom ops, torch.compile(fullgraph=True), channels_last).
 Benchmark: python bench/bench_nll.py (writes results/bench_nll.md).
 """
 
@@ -74,9 +87,9 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _gaussian_nll_forward_kernel(
-        x_ptr,  # (N, D) data, contiguous, fp32/bf16/fp16
-        mean_ptr,  # (N, D) decoder mean, same dtype
-        log_sigma_ptr,  # (N, D) decoder log sigma, same dtype
+        x_ptr,  # (N, D) data, each row one dense block (see Layout), fp32/bf16/fp16
+        mean_ptr,  # (N, D) decoder mean, same dtype and strides
+        log_sigma_ptr,  # (N, D) decoder log sigma, same dtype and strides
         partial_sum_ptr,  # (N, num_chunks) fp32 output: the NLL summed over each chunk
         row_size,  # D, elements per sample
         num_chunks,  # chunks per row, cdiv(D, BLOCK_SIZE)
@@ -98,12 +111,12 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _gaussian_nll_backward_kernel(
-        x_ptr,  # (N, D) data, contiguous, fp32/bf16/fp16
-        mean_ptr,  # (N, D) decoder mean, same dtype
-        log_sigma_ptr,  # (N, D) decoder log sigma, same dtype
+        x_ptr,  # (N, D) data, each row one dense block (see Layout), fp32/bf16/fp16
+        mean_ptr,  # (N, D) decoder mean, same dtype and strides
+        log_sigma_ptr,  # (N, D) decoder log sigma, same dtype and strides
         grad_nll_ptr,  # (N,) fp32 upstream gradient, one per sample
-        grad_mean_ptr,  # (N, D) output, input dtype
-        grad_log_sigma_ptr,  # (N, D) output, input dtype
+        grad_mean_ptr,  # (N, D) output, input dtype, same strides
+        grad_log_sigma_ptr,  # (N, D) output, input dtype, same strides
         row_size,  # D, elements per sample
         BLOCK_SIZE: tl.constexpr,  # elements per chunk, a power of two
     ):
@@ -126,7 +139,47 @@ if TRITON_AVAILABLE:
         )
 
 
-# --- launchers ---
+# --- memory layout ---
+
+
+def _is_sample_dense(tensor):
+    """True when each sample's D elements fill one dense block of memory and the samples follow one another (batch
+    stride D): contiguous, channels_last, or any other order of the non-batch dimensions. Length-1 dims never count."""
+    expected_stride = 1
+    for stride, size in sorted((stride, size) for stride, size in zip(tensor.stride(), tensor.shape) if size > 1):
+        if stride != expected_stride:  # a gap or an overlap
+            return False
+        expected_stride *= size
+    return tensor.shape[0] == 1 or tensor.stride(0) * tensor.shape[0] == expected_stride  # batch outermost
+
+
+def _strides_that_matter(tensor):
+    """Strides of the dimensions longer than 1, the only ones that place elements: equal for two tensors of one
+    shape means each element sits at the same offset in both."""
+    return [stride for stride, size in zip(tensor.stride(), tensor.shape) if size > 1]
+
+
+def _empty_in_kernel_layout(x):
+    """Uninitialised, of x's shape and dtype, in the layout the kernels run in: x's own if sample-dense, else the
+    dense one its strides suggest (channels_last for a strided channels_last view), else NCHW."""
+    empty = torch.empty_like(x)  # preserve_format: x's exact strides if x is dense, else its suggested memory format
+    return empty if _is_sample_dense(empty) else torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _in_kernel_layout(x, mean, log_sigma):
+    """x, mean, log_sigma of one shape and any strides -> the same values in one sample-dense layout, x's if it has
+    one. Only what is not in that layout yet is copied: nothing for NCHW or channels_last inputs that agree."""
+    if not _is_sample_dense(x):
+        x = _empty_in_kernel_layout(x).copy_(x)
+    layout = _strides_that_matter(x)
+    mean, log_sigma = (
+        t if _strides_that_matter(t) == layout else torch.empty_like(x).copy_(t)  # e.g. a broadcast log_sigma
+        for t in (mean, log_sigma)
+    )
+    return x, mean, log_sigma
+
+
+# --- launchers, registered as custom ops ---
 
 
 def _launch_config(row_size):
@@ -136,14 +189,10 @@ def _launch_config(row_size):
     return block_size, triton.cdiv(row_size, block_size), num_warps
 
 
-def _check_contiguous(*tensors):
-    if not all(t.is_contiguous() for t in tensors):
-        raise ValueError("the Triton launchers take contiguous tensors; call gaussian_nll, which makes them so")
-
-
-def _forward_launch(x, mean, log_sigma):
-    """x, mean, log_sigma: (N, ...) contiguous, same shape, dtype and device -> (N,) fp32 nats per sample."""
-    _check_contiguous(x, mean, log_sigma)
+@torch.library.custom_op("vae::gaussian_nll_fwd", mutates_args=())
+def _forward_launch(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """x, mean, log_sigma: (N, ...) of one shape, dtype and device, any strides -> (N,) fp32 nats per sample."""
+    x, mean, log_sigma = _in_kernel_layout(x, mean, log_sigma)
     num_samples, row_size = x.shape[0], math.prod(x.shape[1:])
     block_size, num_chunks, num_warps = _launch_config(row_size)
     partial_sums = torch.empty(num_samples, num_chunks, dtype=torch.float32, device=x.device)  # (N, chunks)
@@ -154,14 +203,23 @@ def _forward_launch(x, mean, log_sigma):
     return partial_sums.sum(1)  # second level of the reduction: (N, chunks) -> (N,), a fixed order
 
 
-def _backward_launch(x, mean, log_sigma, grad_nll):
-    """Saved inputs (N, ...) and the upstream gradient (N,) -> grad_mean, grad_log_sigma, each (N, ...) in x's dtype."""
+@_forward_launch.register_fake
+def _forward_fake(x, mean, log_sigma):
+    return x.new_empty(x.shape[0], dtype=torch.float32)  # (N,), as partial_sums.sum(1)
+
+
+@torch.library.custom_op("vae::gaussian_nll_bwd", mutates_args=())
+def _backward_launch(
+    x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor, grad_nll: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Saved inputs (N, ...) and the upstream gradient (N,) -> grad_mean, grad_log_sigma, each (N, ...) in x's dtype
+    and in the kernels' layout (x's own when it is sample-dense)."""
     # A loss.sum() hands back a stride-0 expanded gradient: make it a real (N,) fp32 array.
     grad_nll = grad_nll.to(torch.float32).contiguous()
-    _check_contiguous(x, mean, log_sigma)
+    x, mean, log_sigma = _in_kernel_layout(x, mean, log_sigma)
     num_samples, row_size = x.shape[0], math.prod(x.shape[1:])
     block_size, num_chunks, num_warps = _launch_config(row_size)
-    grad_mean, grad_log_sigma = torch.empty_like(mean), torch.empty_like(log_sigma)  # (N, ...) each
+    grad_mean, grad_log_sigma = _empty_in_kernel_layout(x), _empty_in_kernel_layout(x)  # (N, ...) each
     _gaussian_nll_backward_kernel[(num_samples, num_chunks)](
         x, mean, log_sigma, grad_nll, grad_mean, grad_log_sigma, row_size,
         BLOCK_SIZE=block_size, num_warps=num_warps,
@@ -169,20 +227,22 @@ def _backward_launch(x, mean, log_sigma, grad_nll):
     return grad_mean, grad_log_sigma
 
 
-class _GaussianNLLFunction(torch.autograd.Function):
-    """Fused Eq. 11: saves only x, mean and log_sigma; the backward recomputes everything else from them."""
+@_backward_launch.register_fake
+def _backward_fake(x, mean, log_sigma, grad_nll):
+    return _empty_in_kernel_layout(x), _empty_in_kernel_layout(x)  # the strides the real launcher returns
 
-    @staticmethod
-    def forward(ctx, x, mean, log_sigma):
-        ctx.save_for_backward(x, mean, log_sigma)
-        return _forward_launch(x, mean, log_sigma)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_nll):
-        grad_mean, grad_log_sigma = _backward_launch(*ctx.saved_tensors, grad_nll)
-        grad_x = -grad_mean if ctx.needs_input_grad[0] else None  # dl/dx = -dl/dmu; x is usually data
-        return grad_x, grad_mean, grad_log_sigma
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # x, mean, log_sigma: the backward recomputes everything else from them
+
+
+def _backward(ctx, grad_nll):
+    grad_mean, grad_log_sigma = _backward_launch(*ctx.saved_tensors, grad_nll)
+    grad_x = -grad_mean if ctx.needs_input_grad[0] else None  # dl/dx = -dl/dmu; x is usually data
+    return grad_x, grad_mean, grad_log_sigma
+
+
+_forward_launch.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --- public function ---
@@ -215,6 +275,8 @@ def gaussian_nll(x, mean, log_sigma, backend="auto"):
 
     fp32/bf16/fp16 inputs give fp32 sums; float64 inputs run the reference and give float64.
     backend: "auto" (Triton for CUDA tensors when Triton imports, else PyTorch), "triton" or "torch".
+    The Triton path reads NCHW or channels_last inputs in place when their strides agree, returns gradients in that
+    layout, and runs inside torch.compile (fullgraph=True) as two custom ops.
     """
     _check_inputs(x, mean, log_sigma, backend)
 
@@ -235,6 +297,6 @@ def gaussian_nll(x, mean, log_sigma, backend="auto"):
     if not use_triton:
         return gaussian_nll_reference(x, mean, log_sigma)
 
-    # Made contiguous once, here; a broadcast log_sigma is materialised and autograd sums its gradient back.
-    log_sigma = log_sigma.expand(x.shape)
-    return _GaussianNLLFunction.apply(x.contiguous(), mean.contiguous(), log_sigma.contiguous())
+    # A broadcast log_sigma goes in as a stride-0 view; the launchers materialise it in x's layout, and autograd sums
+    # its gradient back through this expand.
+    return _forward_launch(x, mean, log_sigma.expand(x.shape))

@@ -117,6 +117,105 @@ def test_triton_plain_sum_and_gradient_for_x():
         torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
 
 
+# --- memory layout: channels_last read in place ---
+
+def as_layout(tensor, memory_format):
+    return tensor.detach().contiguous(memory_format=memory_format).requires_grad_(tensor.requires_grad)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "shape, x_format, other_format",
+    [
+        ((2, 3, 4, 5), torch.channels_last, torch.channels_last),
+        ((2, 3, 4, 5), torch.contiguous_format, torch.contiguous_format),
+        ((2, 1, 4, 5), torch.channels_last, torch.contiguous_format),  # C = 1: other strides, same order in memory
+    ],
+    ids=["channels-last", "nchw", "one-channel-mixed"],
+)
+def test_sample_dense_inputs_are_not_copied(shape, x_format, other_format):
+    x, mean, log_sigma = make_inputs(shape, torch.float32, 2.0)
+    inputs = (as_layout(x, x_format), as_layout(mean, other_format), as_layout(log_sigma, other_format))
+    assert all(kernel_input is t for kernel_input, t in zip(nll_module._in_kernel_layout(*inputs), inputs))
+
+
+@needs_triton
+def test_triton_channels_last_matches_contiguous_and_keeps_the_layout():
+    x, mean, log_sigma = make_inputs((2, 3, 4, 5), torch.float32, 2.0)
+    upstream = torch.tensor([0.7, 1.3])
+    triton_nll = lambda *inputs: gaussian_nll(*inputs, backend="triton")  # noqa: E731
+    nll, grad_mean, grad_log_sigma = nll_and_grads(triton_nll, x, mean, log_sigma, upstream)
+    channels_last = [as_layout(t, torch.channels_last) for t in (x, mean, log_sigma)]
+    cl_nll, cl_grad_mean, cl_grad_log_sigma = nll_and_grads(triton_nll, *channels_last, upstream)
+    torch.testing.assert_close(cl_nll, nll, **FORWARD_TOL)
+    torch.testing.assert_close(cl_grad_mean, grad_mean, **GRADIENT_TOL[torch.float32])
+    torch.testing.assert_close(cl_grad_log_sigma, grad_log_sigma, **GRADIENT_TOL[torch.float32])
+    assert cl_grad_mean.stride() == cl_grad_log_sigma.stride() == channels_last[1].stride() == (60, 1, 15, 3)
+
+
+@needs_triton
+@pytest.mark.parametrize("log_sigma_shape", [(), (1, 1, 1)], ids=["scalar", "ones"])
+def test_triton_channels_last_with_broadcast_log_sigma(log_sigma_shape):
+    x, mean, log_sigma = make_inputs((2, 3, 4, 5), torch.float32, 2.0, log_sigma_shape)
+    x, mean = as_layout(x, torch.channels_last), as_layout(mean, torch.channels_last)
+    # Materialised in x's layout, so x and mean are still read in place.
+    kernel_inputs = nll_module._in_kernel_layout(x, mean, log_sigma.expand(x.shape))
+    assert kernel_inputs[0] is x and kernel_inputs[1] is mean and kernel_inputs[2].stride() == x.stride()
+    assert_triton_matches_reference(x, mean, log_sigma, dict(rtol=1e-5, atol=1e-4))
+    grad_mean = torch.autograd.grad(gaussian_nll(x, mean, log_sigma, backend="triton").sum(), mean)[0]
+    assert grad_mean.stride() == mean.stride()
+
+
+@needs_triton
+def test_triton_mixed_layouts_are_copied_to_x_layout():
+    # The decoder in channels_last, the data in NCHW: mean and log_sigma are copied into x's layout.
+    x, mean, log_sigma = make_inputs((2, 3, 4, 5), torch.float32, 2.0)
+    mean, log_sigma = as_layout(mean, torch.channels_last), as_layout(log_sigma, torch.channels_last)
+    assert_triton_matches_reference(x, mean, log_sigma, GRADIENT_TOL[torch.float32])
+
+
+# --- custom ops: opcheck and torch.compile ---
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["nchw", "channels-last", "strided", "broadcast-log-sigma"])
+def test_custom_ops_pass_opcheck(layout):
+    # Schema, autograd registration, fake functions (shapes, dtypes and strides against the real outputs) and
+    # AOT dispatch, forward and backward op, on CPU tensors through the interpreter.
+    x, mean, log_sigma = make_inputs((4, 3, 4, 5), torch.float32, 2.0)
+    if layout == "channels-last":
+        x, mean, log_sigma = (as_layout(t, torch.channels_last) for t in (x, mean, log_sigma))
+    if layout == "strided":
+        x, mean, log_sigma = (t.detach()[::2].requires_grad_(t.requires_grad) for t in (x, mean, log_sigma))
+    if layout == "broadcast-log-sigma":
+        x, mean = as_layout(x, torch.channels_last), as_layout(mean, torch.channels_last)
+        log_sigma = torch.zeros((), requires_grad=True).expand(x.shape)
+    torch.library.opcheck(nll_module._forward_launch, (x, mean, log_sigma))
+    grad_nll = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(1))
+    torch.library.opcheck(nll_module._backward_launch, (x, mean.detach(), log_sigma.detach(), grad_nll))
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit._script")  # raised inside Inductor's own imports
+def test_triton_under_torch_compile_fullgraph():
+    # fullgraph=True fails on any graph break. The compiled graph calls the two custom ops; the values and gradients
+    # must match eager PyTorch. channels_last inputs with a learned scalar log_sigma (Eq. 10), as the fast path has.
+    def loss(x, raw_mean, log_sigma, backend):
+        return gaussian_nll(x, torch.tanh(raw_mean), log_sigma, backend=backend)
+
+    x, raw_mean, _ = make_inputs((2, 3, 4, 5), torch.float32)
+    x, raw_mean = as_layout(x, torch.channels_last), as_layout(raw_mean, torch.channels_last)
+    log_sigma = torch.tensor(-0.5, requires_grad=True)
+    upstream = torch.tensor([0.7, 1.3])
+    compiled = torch.compile(lambda *inputs: loss(*inputs, backend="triton"), fullgraph=True)
+    nll, grad_raw_mean, grad_log_sigma = nll_and_grads(compiled, x, raw_mean, log_sigma, upstream)
+    eager = lambda *inputs: loss(*inputs, backend="torch")  # noqa: E731
+    ref_nll, ref_grad_raw_mean, ref_grad_log_sigma = nll_and_grads(eager, x, raw_mean, log_sigma, upstream)
+    torch.testing.assert_close(nll, ref_nll, **FORWARD_TOL)
+    torch.testing.assert_close(grad_raw_mean, ref_grad_raw_mean, **GRADIENT_TOL[torch.float32])
+    torch.testing.assert_close(grad_log_sigma, ref_grad_log_sigma, rtol=1e-5, atol=1e-4)
+
+
 # --- the reference ---
 
 

@@ -155,12 +155,19 @@ class ConvVAE(nn.Module):
         self.decoder = nn.Sequential(*layers)
 
     def encode(self, x):
-        """x (B, C, H, W) in [0, 1] -> mu, log_std, each (B, latent_dim)."""
-        return self.encoder(x).chunk(2, dim=-1)
+        """x (B, C, H, W) in [0, 1] -> mu, log_std, each (B, latent_dim), fp32 (also under bf16 autocast: the KL
+        and the sample z are computed from them in fp32)."""
+        return self.encoder(x).float().chunk(2, dim=-1)
 
     def decode(self, z):
-        """z (B, latent_dim) -> (B, C * decoder_outputs_per_dim, H, W): the mean (and raw log sigma) per pixel."""
-        return self.decoder(z)
+        """z (B, latent_dim) -> (B, C * decoder_outputs_per_dim, H, W): the mean (and raw log sigma) per pixel.
+
+        The output layer runs in fp32 even under bf16 autocast: bf16 rounds values near 1 to steps of 2**-8 = 0.0039,
+        coarser than the smallest sigma a per-pixel model learns (the floor, 0.0025), which would cap the NLL.
+        """
+        hidden = self.decoder[:-1](z)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.decoder[-1](hidden.float())
 
 
 # --- observation models ---

@@ -40,6 +40,8 @@ parser.add_argument("--paths", nargs="+", choices=["eager", "fast"], default=["e
                     help="eager: --fast off (fp32); fast: --fast on with its defaults (default both)")
 parser.add_argument("--ablations", action="store_true",
                     help="also time fast-path variants for --sigma learned: " + "; ".join(ABLATIONS))
+parser.add_argument("--profile", action="store_true", help="also profile 20 steps of the fast path for each dataset "
+                    "(LV-VAE) and write the operations that take the most time to results/profile_train.md")
 parser.add_argument("--batch-size", type=int, default=128, help="images per step (default 128, the script's)")
 parser.add_argument("--steps", type=int, default=100, help="timed steps per row (default 100)")
 parser.add_argument("--warmup", type=int, default=15,
@@ -53,8 +55,8 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def time_training(dataset, sigma, flags, args, device):
-    """(images/s, compile and warm-up seconds, peak memory in GiB or None) of train_images.py's training step."""
+def training_step(dataset, sigma, flags, args, device):
+    """train_images.py's training step on random images of the dataset's shape: step(i) runs step i; and its guard."""
     run_args = train_images.parse_args(["--dataset", dataset, "--sigma", sigma, "--device", device.type,
                                         "--batch-size", str(args.batch_size), *flags])
     fast = train_images.fast_path(run_args, device)
@@ -79,6 +81,12 @@ def time_training(dataset, sigma, flags, args, device):
             torch.stack([loss.detach().isfinite(), grad_norm.isfinite()]).tolist()
         optimizer.step()
 
+    return step, guard
+
+
+def time_training(dataset, sigma, flags, args, device):
+    """(images/s, compile and warm-up seconds, peak memory in GiB or None) of train_images.py's training step."""
+    step, guard = training_step(dataset, sigma, flags, args, device)
     started = time.perf_counter()
     for i in range(args.warmup):
         step(i)
@@ -94,9 +102,29 @@ def time_training(dataset, sigma, flags, args, device):
     if guard is not None and guard.first_bad() is not None:
         raise SystemExit(f"error: {dataset} {sigma} {flags}: non-finite step {guard.first_bad()} in the benchmark")
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    del model, obs, train_elbo, optimizer, pixels
+    del step, guard
     torch._dynamo.reset()  # each row compiles afresh; without this the cache limit is soon reached
     return images_per_second, warmup_seconds, memory
+
+
+def profile_training(dataset, sigma, flags, args, device, steps=20):
+    """The operations that take the most time in `steps` steps (after the warm-up), as a Markdown code block."""
+    step, _ = training_step(dataset, sigma, flags, args, device)
+    for i in range(args.warmup):
+        step(i)
+    synchronize(device)
+    activities = [torch.profiler.ProfilerActivity.CPU] + \
+        ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        for i in range(steps):
+            step(i)
+        synchronize(device)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=70)
+    del step
+    torch._dynamo.reset()
+    return [f"## {dataset}, {train_images.SIGMA_NAMES[sigma]}, `{' '.join(flags)}`: {steps} steps, sorted by "
+            f"{sort_by}", "", "```", table.rstrip(), "```", ""]
 
 
 def main(args):
@@ -144,6 +172,17 @@ def main(args):
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
     print(f"wrote {args.out}")
+    if args.profile:
+        path = os.path.join(os.path.dirname(args.out) or ".", "profile_train.md")
+        lines = ["# Where the fast path's training step spends its time (torch.profiler)", "",
+                 f"Command: `python {' '.join(sys.argv)}`", "", f"Hardware: {hardware(device)}. Batch "
+                 f"{args.batch_size}, after {args.warmup} warm-up steps.", ""]
+        for dataset in args.datasets:
+            flags = ["--fast", "on"] + (["--compile", "default"] if device.type != "cuda" else [])
+            lines += profile_training(dataset, "learned", flags, args, device)
+        with open(path, "w") as f:
+            f.write("\n".join(lines))
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -253,8 +253,10 @@ def evaluate(ens, x_eval, args):
     ens.model.eval(), ens.obs.eval()
     members = len(ens.names) * len(ens.seeds)
     generator = torch.Generator(device=x_eval.device).manual_seed(1234)
-    elbo = torch.cat([elbo_terms(ens.model, ens.obs, part.expand(members, *part.shape))[2]
-                      for part in x_eval.split(1000)], dim=1)
+    elbo = torch.cat([elbo_terms(ens.model, ens.obs, part.expand(members, *part.shape),
+                                 torch.randn(members, len(part), args.latent_dim, generator=generator,
+                                             device=x_eval.device))[2]
+                      for part in x_eval.split(1000)], dim=1)  # seeded noise: a rerun gives the same table
     iwae = torch.cat([iwae_bound(ens.model, ens.obs, part.expand(members, *part.shape), args.iwae_k, generator)
                       for part in x_eval[: args.iwae_points].split(max(1, 10000 // args.iwae_k))], dim=1)
     # Final sigma: the fixed or learned value; for LV-VAE the geometric mean of sigma over the eval points and dims.
@@ -282,6 +284,7 @@ def main(args):
     device = pick_device(args.device)
     command = "python " + " ".join(sys.argv)
     seeds = list(range(args.seed, args.seed + args.seeds))
+    torch.manual_seed(args.seed)  # the figures' samples; weights, data and training noise have their own generators
     print(f"train_2d: preset {args.preset}: {args.seeds} seeds x {args.steps} steps, ResNets of {args.blocks} blocks "
           f"of {args.hidden} units (paper: {PRESETS['paper']}), on {hardware(device)}")
     started = time.time()

@@ -195,7 +195,7 @@ class ELBO(torch.nn.Module):
 
     def forward(self, x, eps):
         if x.dtype == torch.uint8:
-            x = x.float() / 255
+            x = to_unit(x, x.device)
         with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16):
             return elbo_terms(self.model, self.obs, x, eps, event_dims=3, nll=self.nll)
 

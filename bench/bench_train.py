@@ -56,7 +56,8 @@ def synchronize(device):
 
 
 def training_step(dataset, sigma, flags, args, device):
-    """train_images.py's training step on random images of the dataset's shape: step(i) runs step i; and its guard."""
+    """train_images.py's training step on random images of the dataset's shape: step(i) runs step i; its guard and
+    its torch.compile mode (None: eager)."""
     run_args = train_images.parse_args(["--dataset", dataset, "--sigma", sigma, "--device", device.type,
                                         "--batch-size", str(args.batch_size), *flags])
     fast = train_images.fast_path(run_args, device)
@@ -81,12 +82,12 @@ def training_step(dataset, sigma, flags, args, device):
             torch.stack([loss.detach().isfinite(), grad_norm.isfinite()]).tolist()
         optimizer.step()
 
-    return step, guard
+    return step, guard, mode
 
 
 def time_training(dataset, sigma, flags, args, device):
-    """(images/s, compile and warm-up seconds, peak memory in GiB or None) of train_images.py's training step."""
-    step, guard = training_step(dataset, sigma, flags, args, device)
+    """(images/s, compile and warm-up seconds, peak memory in GiB or None, compile mode) of train_images.py's step."""
+    step, guard, mode = training_step(dataset, sigma, flags, args, device)
     started = time.perf_counter()
     for i in range(args.warmup):
         step(i)
@@ -104,12 +105,12 @@ def time_training(dataset, sigma, flags, args, device):
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     del step, guard
     torch._dynamo.reset()  # each row compiles afresh; without this the cache limit is soon reached
-    return images_per_second, warmup_seconds, memory
+    return images_per_second, warmup_seconds, memory, mode
 
 
 def profile_training(dataset, sigma, flags, args, device, steps=20):
     """The operations that take the most time in `steps` steps (after the warm-up), as a Markdown code block."""
-    step, _ = training_step(dataset, sigma, flags, args, device)
+    step, _, _ = training_step(dataset, sigma, flags, args, device)
     for i in range(args.warmup):
         step(i)
     synchronize(device)
@@ -135,16 +136,13 @@ def main(args):
     if args.ablations:
         configs += [(d, "learned", name, ["--fast", "on", *flags]) for d in args.datasets
                     for name, flags in ABLATIONS.items()]
-    if device.type != "cuda":  # CUDA graphs need CUDA: there the fast path compiles in default mode
-        configs = [(d, s, name, flags + (["--compile", "default"] if flags[1] == "on" and "--compile" not in flags
-                                         else [])) for d, s, name, flags in configs]
     for dataset, sigma, name, flags in configs:
-        rate, warmup, memory = time_training(dataset, sigma, flags, args, device)
+        rate, warmup, memory, mode = time_training(dataset, sigma, flags, args, device)
         if name == "eager":
             eager_rate[dataset, sigma] = rate
         speedup = f"{rate / eager_rate[dataset, sigma]:.2f}x" if (dataset, sigma) in eager_rate else "n/a"
         minutes = EPOCHS[dataset] * TRAIN_IMAGES[dataset] / rate / 60
-        rows.append(f"| {dataset} | {train_images.SIGMA_NAMES[sigma]} | {name} (`{' '.join(flags)}`) | {rate:,.0f} "
+        rows.append(f"| {dataset} | {train_images.SIGMA_NAMES[sigma]} | {name} (`{' '.join(flags)}`; compile: {mode or 'none'}) | {rate:,.0f} "
                     f"| {speedup} | {minutes:,.0f} min | {'n/a' if memory is None else f'{memory:.2f} GiB'} "
                     f"| {warmup:.1f} s |")
         print(rows[-1], flush=True)
@@ -178,8 +176,7 @@ def main(args):
                  f"Command: `python {' '.join(sys.argv)}`", "", f"Hardware: {hardware(device)}. Batch "
                  f"{args.batch_size}, after {args.warmup} warm-up steps.", ""]
         for dataset in args.datasets:
-            flags = ["--fast", "on"] + (["--compile", "default"] if device.type != "cuda" else [])
-            lines += profile_training(dataset, "learned", flags, args, device)
+            lines += profile_training(dataset, "learned", ["--fast", "on"], args, device)
         with open(path, "w") as f:
             f.write("\n".join(lines))
         print(f"wrote {path}")

@@ -508,7 +508,13 @@ def main(args):
             optimizer.load_state_dict(state["optimizer"])
             for group, (fused, foreach) in zip(optimizer.param_groups, implementation):
                 group["fused"], group["foreach"] = fused, foreach  # this run's Adam, not the saved run's: the fast
-                # and eager paths continue each other's checkpoints
+                # and eager paths continue each other's checkpoints. load_state_dict placed Adam's step counts by
+                # the saved run's implementation; fused Adam needs them on the parameters' device, plain Adam on
+                # the CPU (else it syncs each step to read them).
+                for parameter in group["params"]:
+                    if "step" in optimizer.state.get(parameter, {}):
+                        optimizer.state[parameter]["step"] = optimizer.state[parameter]["step"].to(
+                            parameter.device if fused else "cpu", torch.float32)
         except (RuntimeError, KeyError, ValueError) as error:
             raise SystemExit(f"error: {args.resume} does not match this model ({str(error).splitlines()[0]}); "
                              "start without --resume")

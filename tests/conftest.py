@@ -7,3 +7,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tests import the scripts as modules from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (tests/test_gpu.py); run with TRITON_INTERPRET=0")

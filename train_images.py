@@ -509,12 +509,16 @@ def main(args):
             for group, (fused, foreach) in zip(optimizer.param_groups, implementation):
                 group["fused"], group["foreach"] = fused, foreach  # this run's Adam, not the saved run's: the fast
                 # and eager paths continue each other's checkpoints. load_state_dict placed Adam's step counts by
-                # the saved run's implementation; fused Adam needs them on the parameters' device, plain Adam on
-                # the CPU (else it syncs each step to read them).
+                # the saved run's implementation and kept its moments' memory layout; fused Adam needs the step
+                # counts on the parameters' device (plain Adam reads them on the CPU) and moments laid out as the
+                # parameters are (channels_last on the fast path).
                 for parameter in group["params"]:
-                    if "step" in optimizer.state.get(parameter, {}):
-                        optimizer.state[parameter]["step"] = optimizer.state[parameter]["step"].to(
-                            parameter.device if fused else "cpu", torch.float32)
+                    moments = optimizer.state.get(parameter, {})
+                    if "step" in moments:
+                        moments["step"] = moments["step"].to(parameter.device if fused else "cpu", torch.float32)
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        if key in moments:
+                            moments[key] = torch.empty_like(parameter).copy_(moments[key])
         except (RuntimeError, KeyError, ValueError) as error:
             raise SystemExit(f"error: {args.resume} does not match this model ({str(error).splitlines()[0]}); "
                              "start without --resume")

@@ -355,6 +355,14 @@ def test_fast_path_reaches_the_eager_test_elbo_and_shares_its_checkpoints(tmp_pa
     state = load_checkpoint(ckpt)
     assert state["epoch"] == 2 and state["step"] == 16
     assert all(group["fused"] is None for group in state["optimizer"]["param_groups"])
+    # The eager checkpoint (NCHW moments) continues on the fast path, whose weights are channels_last: the moments
+    # must follow (fused Adam on CUDA refuses moments laid out otherwise than their weights).
+    ckpt = next((tmp_path / "eager" / "runs").glob("*/ckpt.pt"))
+    resumed = run(["--resume", str(ckpt), "--epochs", "2", "--fast", "on", "--compile", "none",
+                   "--out", str(tmp_path / "eager" / "out")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    moments = [m["exp_avg"] for m in load_checkpoint(ckpt)["optimizer"]["state"].values() if m["exp_avg"].dim() == 4]
+    assert moments and all(m.is_contiguous(memory_format=torch.channels_last) for m in moments)
 
 
 def test_async_guard_skips_the_bad_update_and_every_later_one():

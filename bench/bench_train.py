@@ -1,14 +1,14 @@
-"""Training images/s of train_images.py's models, eager fp32 against the fast path, for each sigma mode, in one run.
+"""Training images/s of train_images.py's models, fp32 eager against the script's defaults, per sigma mode, in one run.
 
-Each row times train_images.py's own training step (`build_training`, `training_batch`, `forward_backward`, the NaN
-guard and Adam's step) on random uint8 images of the dataset's shape, as the script runs it: the eager path copies
-each batch from host memory and syncs once a step for its NaN guard; the fast path draws batches from images
-resident on the device, with channels_last, bf16 autocast, torch.compile, the fused NLL kernel and fused Adam.
+Each row times train_images.py's own training step (`build`, `train_step`: forward, backward, the NaN guard and
+fused Adam) on random uint8 images of the dataset's shape, resident on the device as in the script. Rows: `fp32`
+(`--dtype fp32 --compile none`, the reference) and `default` (the script's defaults on this device: bf16 autocast and
+CUDA graphs on one GPU; fp32 eager on the CPU); `--ablations` adds variants of the default for --sigma learned.
 Warm-up steps (which include compilation, timed apart) are not counted. Peak memory is the device's peak allocation
 during the timed steps (CUDA only). Writes results/bench_train.md with the hardware.
 
-    python bench/bench_train.py                                     # both datasets, four sigma modes, both paths
-    python bench/bench_train.py --datasets mnist --ablations        # + fast-path variants (compile mode, NLL kernel)
+    python bench/bench_train.py                                     # both datasets, four sigma modes
+    python bench/bench_train.py --datasets mnist --ablations        # + variants (compile mode, NLL kernel)
     python bench/bench_train.py --device cpu --datasets mnist --sigmas learned --steps 3 --warmup 1
 """
 
@@ -27,20 +27,21 @@ TRAIN_IMAGES = {"mnist": 60000, "celeba": 162770}  # one epoch
 TARGETS = {"mnist": 100000, "celeba": 9000}  # images/s on one H200 (MNIST 1,000 epochs in 10 min, CelebA 200 in 1 h)
 EPOCHS = {"mnist": 1000, "celeba": 200}  # the paper's
 # Fast-path variants for --ablations: what each trick is worth, to choose the defaults by measurement.
-ABLATIONS = {"fast, compile default (no CUDA graphs)": ["--compile", "default"],
-             "fast, no torch.compile": ["--compile", "none"],
-             "fast, PyTorch NLL instead of the Triton kernel": ["--nll-kernel", "torch"]}
+CONFIGS = {"fp32": ["--dtype", "fp32", "--compile", "none"], "default": []}
+ABLATIONS = {"default, compile default (no CUDA graphs)": ["--compile", "default"],
+             "default, no torch.compile": ["--compile", "none"],
+             "default, PyTorch NLL instead of the Triton kernel": ["--nll-kernel", "torch"]}
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--datasets", nargs="+", choices=list(TRAIN_IMAGES), default=list(TRAIN_IMAGES),
                     help="default both")
 parser.add_argument("--sigmas", nargs="+", choices=list(train_images.SIGMA_NAMES),
                     default=list(train_images.SIGMA_NAMES), help="default all four")
-parser.add_argument("--paths", nargs="+", choices=["eager", "fast"], default=["eager", "fast"],
-                    help="eager: --fast off (fp32); fast: --fast on with its defaults (default both)")
+parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                    help="fp32: --dtype fp32 --compile none; default: the script's defaults here (default both)")
 parser.add_argument("--ablations", action="store_true",
-                    help="also time fast-path variants for --sigma learned: " + "; ".join(ABLATIONS))
-parser.add_argument("--profile", action="store_true", help="also profile 20 steps of the fast path for each dataset "
+                    help="also time variants of the default for --sigma learned: " + "; ".join(ABLATIONS))
+parser.add_argument("--profile", action="store_true", help="also profile 20 default steps for each dataset "
                     "(LV-VAE) and write the operations that take the most time to results/profile_train.md")
 parser.add_argument("--batch-size", type=int, default=128, help="images per step (default 128, the script's)")
 parser.add_argument("--steps", type=int, default=100, help="timed steps per row (default 100)")
@@ -57,36 +58,28 @@ def synchronize(device):
 
 def training_step(dataset, sigma, flags, args, device):
     """train_images.py's training step on random images of the dataset's shape: step(i) runs step i; its guard and
-    its torch.compile mode (None: eager)."""
+    its torch.compile mode."""
     run_args = train_images.parse_args(["--dataset", dataset, "--sigma", sigma, "--device", device.type,
                                         "--batch-size", str(args.batch_size), *flags])
-    fast = train_images.fast_path(run_args, device)
-    mode = train_images.compile_mode(run_args, device)
+    train_images.resolve_defaults(run_args, device, 1)
     torch.manual_seed(0)
-    model, obs, train_elbo, optimizer = train_images.build_training(run_args, device)
-    parameters = list(model.parameters()) + list(obs.parameters())
-    guard = train_images.AsyncGuard(optimizer, 0, device) if fast else None
+    model, obs, step_module, optimizer = train_images.build(run_args, device)
+    guard = train_images.NanGuard(optimizer, 0, device)
     arch = train_images.ARCHITECTURES[dataset]
     shape = (8 * args.batch_size, arch["channels"], arch["size"], arch["size"])
-    pixels = torch.randint(0, 256, shape, dtype=torch.uint8, device=device if fast else "cpu")
+    pixels = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+    order = torch.randperm(len(pixels), device=device).view(8, args.batch_size)
 
     def step(i):
-        index = torch.arange(i % 8 * args.batch_size, (i % 8 + 1) * args.batch_size, device=pixels.device)
-        x = train_images.training_batch(pixels, index, fast).to(device)
         eps = torch.randn(args.batch_size, model.latent_dim, device=device)
-        loss, _, _, _ = train_images.forward_backward(train_elbo, optimizer, x, eps, mode)
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-        if guard is not None:
-            guard.update(loss, grad_norm)
-        else:  # the eager path's guard reads both flags every step (a sync)
-            torch.stack([loss.detach().isfinite(), grad_norm.isfinite()]).tolist()
-        optimizer.step()
+        train_images.train_step(step_module, optimizer, guard, pixels[order[i % 8]], eps,
+                                run_args.compile == "reduce-overhead")
 
-    return step, guard, mode
+    return step, guard, f"{run_args.dtype}, compile {run_args.compile}"
 
 
 def time_training(dataset, sigma, flags, args, device):
-    """(images/s, compile and warm-up seconds, peak memory in GiB or None, compile mode) of train_images.py's step."""
+    """(images/s, compile and warm-up seconds, peak memory in GiB or None, dtype and compile mode) of the step."""
     step, guard, mode = training_step(dataset, sigma, flags, args, device)
     started = time.perf_counter()
     for i in range(args.warmup):
@@ -100,8 +93,8 @@ def time_training(dataset, sigma, flags, args, device):
         step(i)
     synchronize(device)
     images_per_second = args.steps * args.batch_size / (time.perf_counter() - started)
-    if guard is not None and guard.first_bad() is not None:
-        raise SystemExit(f"error: {dataset} {sigma} {flags}: non-finite step {guard.first_bad()} in the benchmark")
+    if guard.read() is not None:
+        raise SystemExit(f"error: {dataset} {sigma} {flags}: non-finite step {guard.read()} in the benchmark")
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     del step, guard
     torch._dynamo.reset()  # each row compiles afresh; without this the cache limit is soon reached
@@ -130,25 +123,23 @@ def profile_training(dataset, sigma, flags, args, device, steps=20):
 
 def main(args):
     device = pick_device(args.device)
-    rows, eager_rate = [], {}
-    configs = [(d, s, path, ["--fast", "off" if path == "eager" else "on"]) for d in args.datasets
-               for s in args.sigmas for path in args.paths]
+    rows, fp32_rate = [], {}
+    configs = [(d, s, name, CONFIGS[name]) for d in args.datasets for s in args.sigmas for name in args.configs]
     if args.ablations:
-        configs += [(d, "learned", name, ["--fast", "on", *flags]) for d in args.datasets
-                    for name, flags in ABLATIONS.items()]
+        configs += [(d, "learned", name, flags) for d in args.datasets for name, flags in ABLATIONS.items()]
     for dataset, sigma, name, flags in configs:
         rate, warmup, memory, mode = time_training(dataset, sigma, flags, args, device)
-        if name == "eager":
-            eager_rate[dataset, sigma] = rate
-        speedup = f"{rate / eager_rate[dataset, sigma]:.2f}x" if (dataset, sigma) in eager_rate else "n/a"
+        if name == "fp32":
+            fp32_rate[dataset, sigma] = rate
+        speedup = f"{rate / fp32_rate[dataset, sigma]:.2f}x" if (dataset, sigma) in fp32_rate else "n/a"
         minutes = EPOCHS[dataset] * TRAIN_IMAGES[dataset] / rate / 60
-        rows.append(f"| {dataset} | {train_images.SIGMA_NAMES[sigma]} | {name} (`{' '.join(flags)}`; compile: {mode or 'none'}) | {rate:,.0f} "
+        rows.append(f"| {dataset} | {train_images.SIGMA_NAMES[sigma]} | {name} (`{' '.join(flags) or 'no flags'}`: {mode}) | {rate:,.0f} "
                     f"| {speedup} | {minutes:,.0f} min | {'n/a' if memory is None else f'{memory:.2f} GiB'} "
                     f"| {warmup:.1f} s |")
         print(rows[-1], flush=True)
 
     lines = [
-        "# Training throughput of train_images.py: eager fp32 against the fast path",
+        "# Training throughput of train_images.py: fp32 eager against the defaults",
         "",
         f"Command: `python {' '.join(sys.argv)}`",
         "",
@@ -162,9 +153,9 @@ def main(args):
     ]
     if device.type != "cuda":
         lines += ["**No CUDA device here: these are CPU figures, and the GPU figures are still to be measured** "
-                  "(`python bench/bench_train.py` on a CUDA machine). On a CPU without native bf16 the fast path's "
-                  "autocast is emulated and slower than fp32, which is why `--fast auto` leaves it off on the CPU.", ""]
-    lines += ["| dataset | setting | path (train_images.py flags) | images/s | vs eager | paper-length run "
+                  "(`python bench/bench_train.py` on a CUDA machine). On a CPU without native bf16, bf16 autocast is "
+                  "emulated and slower than fp32, which is why `--dtype auto` is fp32 on the CPU.", ""]
+    lines += ["| dataset | setting | configuration (train_images.py flags: dtype, compile) | images/s | vs fp32 | paper-length run "
               "| peak memory | compile + warm-up |", "|---|---|---|---|---|---|---|---|", *rows, ""]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
@@ -172,11 +163,11 @@ def main(args):
     print(f"wrote {args.out}")
     if args.profile:
         path = os.path.join(os.path.dirname(args.out) or ".", "profile_train.md")
-        lines = ["# Where the fast path's training step spends its time (torch.profiler)", "",
+        lines = ["# Where the default training step spends its time (torch.profiler)", "",
                  f"Command: `python {' '.join(sys.argv)}`", "", f"Hardware: {hardware(device)}. Batch "
                  f"{args.batch_size}, after {args.warmup} warm-up steps.", ""]
         for dataset in args.datasets:
-            lines += profile_training(dataset, "learned", ["--fast", "on"], args, device)
+            lines += profile_training(dataset, "learned", [], args, device)
         with open(path, "w") as f:
             f.write("\n".join(lines))
         print(f"wrote {path}")

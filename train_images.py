@@ -692,6 +692,8 @@ def main(args):
     signals_received = []  # a signal only sets this; the loop finishes its step, saves and exits
     for name in (signal.SIGINT, signal.SIGTERM):
         signal.signal(name, lambda number, frame: signals_received.append(number))
+    if world_size > 1:  # once rank 0 says it started, every rank has its handlers
+        dist.barrier()
     writer = None
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)

@@ -326,7 +326,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path):
         load_checkpoint(leftover)
 
 
-# --- the fast path (issue 7): on the CPU here, without CUDA graphs; bf16 is emulated on this CPU, hence tiny runs ---
+# --- precision and compile flags: on the CPU here, without CUDA graphs; bf16 is emulated on this CPU, hence tiny runs ---
 
 
 def final_nats(out):

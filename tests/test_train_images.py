@@ -449,17 +449,26 @@ def test_each_epoch_drops_its_last_partial_batch(tmp_path):
     assert only_checkpoint(tmp_path)["step"] == 6
 
 
-def test_a_run_writes_into_its_own_folder_and_records_a_relative_command(tmp_path):
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """A 2-epoch run of 3 steps an epoch with the defaults a new user has: no --out, --log-every 50. Also the
+    modification times of everything under results/ before it."""
+    tmp_path = tmp_path_factory.mktemp("short_run")
     results = {path: path.stat().st_mtime_ns for path in (pathlib.Path(ROOT) / "results").rglob("*")}
     data = write_tiny_mnist(tmp_path / "mnist")
-    flags = [flag for flag in tiny_flags(tmp_path, data) if flag not in ("--out", str(tmp_path / "out"))]
-    result = run(["--epochs", "1", *flags])
+    result = run(["--epochs", "2", "--data-dir", str(data), "--batch-size", "64", "--eval-images", "32", "--iwae-k",
+                  "50", "--iwae-images", "32", "--logdir", str(tmp_path / "runs")])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert {path: path.stat().st_mtime_ns for path in (pathlib.Path(ROOT) / "results").rglob("*")} == results
     (run_dir,) = (tmp_path / "runs").iterdir()
+    return result, run_dir, data, results
+
+
+def test_a_run_writes_into_its_own_folder_and_records_a_relative_command(short_run):
+    result, run_dir, data, results = short_run
+    assert {path: path.stat().st_mtime_ns for path in (pathlib.Path(ROOT) / "results").rglob("*")} == results
     assert {"table2.md", "runs.jsonl", "mnist_learned_continuous_generations.png"} <= set(os.listdir(run_dir))
     (record,) = [json.loads(line) for line in (run_dir / "runs.jsonl").read_text().splitlines()]
-    assert record["command"].startswith("python train_images.py --epochs 1 ")
+    assert record["command"].startswith("python train_images.py --epochs 2 ")
     assert f"--data-dir {data}" in record["command"]  # outside the repository: stays absolute
     root = "/home/user/vae"
     command = train_images.command_line("python", [f"{root}/train_images.py", "--data-dir", f"{root}/data/mnist",
@@ -471,27 +480,30 @@ def test_a_run_writes_into_its_own_folder_and_records_a_relative_command(tmp_pat
     assert command == "python train_images.py --data-dir data/mnist --out=results/images --logdir /scratch/runs"
 
 
-def test_a_short_run_logs_its_first_step_and_every_epoch_to_tensorboard(tmp_path):
+def test_a_short_run_logs_its_first_step_and_every_epoch_to_tensorboard(short_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    data = write_tiny_mnist(tmp_path / "mnist")
-    result = run(["--epochs", "2", *tiny_flags(tmp_path, data), "--log-every", "1000"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    _, run_dir, _, _ = short_run
     events = EventAccumulator(str(run_dir), size_guidance={"histograms": 0, "images": 0}).Reload()
-    assert [event.step for event in events.Scalars("train/elbo")] == [1, 3, 6]  # 3 steps an epoch
+    assert [event.step for event in events.Scalars("train/elbo")] == [1, 3, 6]  # 3 steps an epoch, --log-every 50
     assert [event.step for event in events.Scalars("charts/images_per_sec")] == [1, 3, 6]
     assert [event.step for event in events.Histograms("eval/log_sigma")] == [3, 6]
     assert {"eval/reconstructions", "eval/generated_samples"} <= set(events.Tags()["images"])
 
 
-def test_figures_are_labelled_scaled_up_and_carry_their_command(tmp_path):
-    data = write_tiny_mnist(tmp_path / "mnist")
-    result = run(["--epochs", "1", *tiny_flags(tmp_path, data)])
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_figures_are_labelled_scaled_up_and_carry_their_command(short_run):
+    _, run_dir, _, _ = short_run
     for kind in ["reconstructions", "generations"]:
-        with Image.open(tmp_path / "out" / f"mnist_learned_continuous_{kind}.png") as image:
-            assert image.width >= 4 * 115 and "python train_images.py --epochs 1" in image.info["Description"]
+        with Image.open(run_dir / f"mnist_learned_continuous_{kind}.png") as image:
+            assert image.width >= 4 * 115 and "python train_images.py --epochs 2" in image.info["Description"]
+
+
+def test_wall_time_includes_the_final_evaluation_and_the_evaluation_shows_progress(short_run):
+    result, run_dir, _, _ = short_run
+    (record,) = [json.loads(line) for line in (run_dir / "runs.jsonl").read_text().splitlines()]
+    assert 0 < record["train_minutes"] < record["wall_minutes"]
+    assert f"{record['wall_minutes']:.1f} min ({record['train_minutes']:.1f})" in (run_dir / "table2.md").read_text()
+    assert "IWAE-50 of 32 images (1,600 decoder passes" in result.stdout and "final IWAE-50" in result.stdout
 
 
 def test_sigma_vae_is_evaluated_with_the_training_mse_of_its_final_model(tmp_path):
@@ -511,17 +523,6 @@ def test_sigma_vae_is_evaluated_with_the_training_mse_of_its_final_model(tmp_pat
         mu, log_std = model.encode(x)
         mse = ((x - model.decode(mu + log_std.exp() * torch.randn_like(mu))) ** 2).mean().item()
     assert sigma == pytest.approx(math.sqrt(mse), rel=0.02) and sigma < 0.9
-
-
-def test_wall_time_includes_the_final_evaluation(tmp_path):
-    data = write_tiny_mnist(tmp_path / "mnist")
-    result = run(["--epochs", "1", *tiny_flags(tmp_path, data), "--iwae-k", "50", "--iwae-images", "32"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    (record,) = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
-    assert 0 < record["train_minutes"] < record["wall_minutes"]
-    table = (tmp_path / "out" / "table2.md").read_text()
-    assert f"{record['wall_minutes']:.1f} min ({record['train_minutes']:.1f})" in table
-    assert "final IWAE-50" in result.stdout  # the evaluation shows its progress
 
 
 def test_celeba_cache_goes_to_cache_dir_and_the_dataset_folder_stays_untouched(tmp_path):

@@ -2,11 +2,14 @@
 
 Eager PyTorch (kernels.gaussian_nll.gaussian_nll_reference), torch.compile of that same function, and the fused
 Triton kernels (kernels/gaussian_nll.py), on MNIST (1x28x28) and CelebA (3x64x64) shapes with a per-pixel
-log_sigma, batches 64 to 4096, fp32 and bf16. Needs a CUDA device; without one it writes a file saying that the
-GPU figures are still to be measured, and exits 0. Writes results/bench_nll.md.
+log_sigma, batches 64 to 4096, fp32 and bf16. Two timings per row, both by triton.testing.do_bench (median, the L2
+cache flushed before every call): the call as Python launches it, and the call replayed from a CUDA graph, which
+leaves out the host's launch gaps (what a training step under CUDA graphs pays). Needs a CUDA device and Triton;
+without them it writes a file saying that the GPU figures are still to be measured, and exits 0. Writes
+results/bench_nll.md.
 
     python bench/bench_nll.py
-    python bench/bench_nll.py --datasets celeba --batch-sizes 256 4096 --dtypes bf16 --iters 50
+    python bench/bench_nll.py --datasets celeba --batch-sizes 256 4096 --dtypes bf16 --rep-ms 50
 """
 
 import argparse
@@ -33,9 +36,9 @@ parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DT
 parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
                     help="eager: the PyTorch reference; compile: torch.compile of it; triton: the fused kernels "
                          "(default all three)")
-parser.add_argument("--warmup", type=int, default=10,
-                    help="untimed forward+backward calls before timing, which include compilation (default 10)")
-parser.add_argument("--iters", type=int, default=100, help="timed forward+backward calls per row (default 100)")
+parser.add_argument("--warmup-ms", type=int, default=25,
+                    help="do_bench's warm-up, in ms, after one untimed call that compiles (default 25)")
+parser.add_argument("--rep-ms", type=int, default=100, help="do_bench's timed repetitions, in ms (default 100)")
 parser.add_argument("--copy-mib", type=int, default=1024,
                     help="size in MiB of the tensor copied device-to-device to measure copy bandwidth (default 1024)")
 parser.add_argument("--out", default="results/bench_nll.md",
@@ -59,44 +62,52 @@ def cpu_name():
 TITLE = "# Gaussian NLL (Eq. 11): forward + backward, eager vs torch.compile vs Triton"
 COMMAND = f"Command: `python {' '.join(sys.argv)}`"
 
-if not torch.cuda.is_available():
+if not torch.cuda.is_available() or not TRITON_AVAILABLE:
     write_report([
         TITLE,
         "",
         COMMAND,
         "",
-        "**The GPU figures are still to be measured.** This run found no CUDA device "
+        "**The GPU figures are still to be measured.** This run found no CUDA device or no Triton "
         f"(hardware: {cpu_name()}; torch {torch.__version__}), so nothing was timed and this file holds no numbers. "
         "Run `python bench/bench_nll.py` on a machine with a CUDA GPU to write the table: forward+backward time, "
         "achieved bandwidth beside the device-to-device copy bandwidth, and peak extra memory, for "
         f"{', '.join(args.datasets)} x batches {', '.join(map(str, args.batch_sizes))} x {', '.join(args.dtypes)} "
         f"x {', '.join(args.methods)}.",
     ])
-    print("no CUDA device: the GPU figures are still to be measured")
+    print("no CUDA device or no Triton: the GPU figures are still to be measured")
     sys.exit(0)
 
 device = torch.device("cuda")
 methods = list(args.methods)
 notes = []
-if not TRITON_AVAILABLE:  # torch.compile's CUDA backend generates Triton code too
-    methods = [method for method in methods if method == "eager"]
-    notes.append("Triton is not installed here: the compile and triton rows were skipped.")
 
 
 # --- timing and memory ---
 
 
 def time_ms(step):
-    """Mean wall time of one call on the GPU, by CUDA events around args.iters calls after args.warmup calls."""
-    for _ in range(args.warmup):
-        step()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(args.iters):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / args.iters
+    """(ms per call, ms per call replayed from a CUDA graph or None where the call cannot be captured): do_bench's
+    median, the L2 cache flushed before each call."""
+    import triton.testing
+
+    step()  # compiles, if it will
+    launched = triton.testing.do_bench(step, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up off the default stream, as capture needs
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        replayed = triton.testing.do_bench(graph.replay, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+    except Exception as error:  # a capture failure is a finding, not the end of the benchmark
+        notes.append(f"CUDA graph capture failed once: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        replayed = None
+    return launched, replayed
 
 
 def peak_extra_mib(step):
@@ -113,7 +124,7 @@ def copy_bandwidth_gbs():
     """Device-to-device copy bandwidth: a large tensor .copy_ reads and writes its bytes once each."""
     source = torch.empty(args.copy_mib * 2**20, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
-    milliseconds = time_ms(lambda: target.copy_(source))
+    milliseconds, _ = time_ms(lambda: target.copy_(source))
     del source, target
     return 2 * args.copy_mib * 2**20 / (milliseconds * 1e-3) / 1e9
 
@@ -131,7 +142,7 @@ def loss_function(method):
 
 copy_gbs = copy_bandwidth_gbs()
 print(f"device-to-device copy: {copy_gbs:.0f} GB/s", flush=True)
-rows = []
+rows, timings = [], {}  # timings: (dataset, N, dtype, method) -> ms, the CUDA-graph time where there is one
 for dataset in args.datasets:
     for batch_size in args.batch_sizes:
         for dtype_name in args.dtypes:
@@ -157,50 +168,69 @@ for dataset in args.datasets:
                     nll = function(x, mean, log_sigma)
                     return torch.autograd.grad(nll, (mean, log_sigma), upstream)
 
-                milliseconds = time_ms(step)
+                launched, replayed = time_ms(step)
+                timings[dataset, batch_size, dtype_name, method] = replayed or launched
                 extra_mib = peak_extra_mib(step)
                 nll = function(x, mean, log_sigma).detach()
                 relative_diff = ((nll - reference_nll).abs().max() / reference_nll.abs().max()).item()
-                bandwidth_gbs = moved_bytes / (milliseconds * 1e-3) / 1e9
-                rows.append(
-                    f"| {dataset} | {batch_size} | {dtype_name} | {method} | {milliseconds:.4f} | {bandwidth_gbs:.0f} "
-                    f"| {100 * bandwidth_gbs / copy_gbs:.0f}% | {extra_mib:.1f} | {gradient_mib:.1f} "
-                    f"| {relative_diff:.1e} |"
-                )
+                cells = []
+                for milliseconds in (launched, replayed):
+                    bandwidth_gbs = moved_bytes / (milliseconds * 1e-3) / 1e9 if milliseconds else None
+                    cells.append("n/a | n/a | n/a" if milliseconds is None else
+                                 f"{milliseconds:.4f} | {bandwidth_gbs:.0f} | {100 * bandwidth_gbs / copy_gbs:.0f}%")
+                rows.append(f"| {dataset} | {batch_size} | {dtype_name} | {method} | {' | '.join(cells)} "
+                            f"| {extra_mib:.1f} | {gradient_mib:.1f} | {relative_diff:.1e} |")
                 print(rows[-1], flush=True)
             del x, mean, log_sigma, upstream, reference_nll
 
 # --- report ---
 
-properties = torch.cuda.get_device_properties(device)
-triton_version = "not installed"
-if TRITON_AVAILABLE:
-    import triton
 
-    triton_version = triton.__version__
+def targets():
+    """The kernel's targets at the CelebA shape and the largest N, fp32 and bf16, by the CUDA-graph times."""
+    lines, n = [], max(args.batch_sizes)
+    for dtype_name in args.dtypes:
+        ms = {method: timings.get(("celeba", n, dtype_name, method)) for method in METHODS}
+        if None in ms.values():
+            continue
+        moved_bytes = 8 * n * 3 * 64 * 64 * DTYPES[dtype_name].itemsize
+        share = moved_bytes / (ms["triton"] * 1e-3) / 1e9 / copy_gbs
+        lines.append(f"- CelebA, N = {n}, {dtype_name}: Triton {ms['eager'] / ms['triton']:.2f}x eager (target >= 3), "
+                     f"{ms['compile'] / ms['triton']:.2f}x torch.compile (target >= 1.3), {100 * share:.0f}% of the "
+                     "copy bandwidth (target >= 75%)")
+    return ["Targets, from the CUDA-graph times:", "", *lines, ""] if lines else []
+
+
+import triton  # noqa: E402  (present: checked at the top)
+
+properties = torch.cuda.get_device_properties(device)
 write_report([
     TITLE,
     "",
     COMMAND,
     "",
     f"Hardware: {properties.name} ({properties.total_memory / 2**30:.0f} GiB), host CPU {cpu_name()}; "
-    f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton_version}.",
+    f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton.__version__}.",
     "",
     f"Device-to-device copy bandwidth, measured in this run: **{copy_gbs:.0f} GB/s** "
     f"(a {args.copy_mib} MiB tensor `.copy_`, counted as read + write).",
     "",
     "Each row: x, mean and a per-pixel log_sigma of shape (N, C, H, W) in the given dtype; one call computes the "
     "(N,) per-sample NLL and its gradients with respect to mean and log_sigma (`torch.autograd.grad`, upstream "
-    f"gradient 1). Time: CUDA events over {args.iters} calls after {args.warmup} warm-up calls (compilation "
-    "included in the warm-up). GB/s: 8 N·D·itemsize bytes (the fused kernels read x, mean, log_sigma in the "
-    "forward and again in the backward, and write the two gradients) divided by the time; every method is "
-    "credited with these same bytes. Peak extra: `torch.cuda.max_memory_allocated()` during one call minus "
-    "the memory allocated before it; it includes the two returned gradients (column 'gradients'), which every "
-    "method must allocate. Last column: max |nll - eager| / max |eager| of the forward.",
-    *([""] + notes if notes else []),
+    "gradient 1). Times: `triton.testing.do_bench`, median over "
+    f"{args.rep_ms} ms of calls after {args.warmup_ms} ms of warm-up (and one call that compiles), the L2 cache "
+    "flushed before every call; 'launched' is the call as Python launches it, host gaps between its kernels "
+    "included, 'CUDA graph' the same call captured once and replayed, GPU time alone. GB/s: 8 N·D·itemsize bytes "
+    "(the fused kernels read x, mean, log_sigma in the forward and again in the backward, and write the two "
+    "gradients) divided by the time; every method is credited with these same bytes. Peak extra: "
+    "`torch.cuda.max_memory_allocated()` during one call minus the memory allocated before it; it includes the two "
+    "returned gradients (column 'gradients'), which every method must allocate. Last column: max |nll - eager| / "
+    "max |eager| of the forward.",
+    *([""] + sorted(set(notes)) if notes else []),
     "",
-    "| data | N | dtype | method | fwd+bwd ms | GB/s | of copy BW | peak extra MiB | gradients MiB "
-    "| fwd rel. diff. vs eager |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+    *targets(),
+    "| data | N | dtype | method | launched: fwd+bwd ms | GB/s | of copy BW | CUDA graph: fwd+bwd ms | GB/s "
+    "| of copy BW | peak extra MiB | gradients MiB | fwd rel. diff. vs eager |",
+    "|" + "---|" * 13,
     *rows,
 ])

@@ -53,6 +53,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import (
+    MIN_LOG_SIGMA,
     ConvVAE,
     DataError,
     FixedSigma,
@@ -75,6 +76,7 @@ from common import (
     run_name,
     save_checkpoint,
     save_figure,
+    soft_floor,
 )
 from kernels.gaussian_nll import TRITON_AVAILABLE
 from kernels.gaussian_nll import gaussian_nll as fused_gaussian_nll
@@ -106,6 +108,9 @@ parser.add_argument("--sigma", choices=SIGMA_NAMES, default="learned",
                     help="fixed: F-VAE; learned-scalar: LS-VAE (Eq. 10); learned: per-pixel LV-VAE (Eq. 11, default); "
                     "optimal: sigma-VAE, sigma^2 = batch MSE in training, the training set's MSE in evaluation")
 parser.add_argument("--sigma-value", type=float, help="with --sigma fixed: sigma on [0, 1] data (default 1/sqrt(2))")
+parser.add_argument("--lv-warmup", type=int, default=0, help="with --sigma learned: train as LS-VAE for this many "
+                    "steps, then hand over to the per-pixel sigma head (ours, not the paper's; default 0: the paper's "
+                    "LV-VAE from scratch)")
 parser.add_argument("--likelihood", choices=["continuous", "discretized"], default="continuous",
                     help="continuous Gaussian density (default) or Gaussian integrated over each 1/255 pixel bin")
 parser.add_argument("--nll-kernel", choices=["auto", "triton", "torch"], default="auto",
@@ -154,6 +159,10 @@ def parse_args(argv=None):
         parser.error("--sigma-value goes with --sigma fixed only")
     if args.sigma_value is not None and args.sigma_value <= 0:
         parser.error("--sigma-value must be > 0")
+    if args.lv_warmup and args.sigma != "learned":
+        parser.error("--lv-warmup goes with --sigma learned only (it hands LS-VAE over to the per-pixel head)")
+    if args.lv_warmup < 0:
+        parser.error("--lv-warmup must be >= 0")
     if args.nll_kernel == "triton" and args.likelihood == "discretized":
         parser.error("--nll-kernel triton fuses the continuous likelihood only; drop it or use --likelihood continuous")
     if args.nll_kernel == "triton" and not TRITON_AVAILABLE:
@@ -220,11 +229,41 @@ def load_split(args, split):
                        cache_dir=args.cache_dir)
 
 
+class WarmStartSigma(torch.nn.Module):
+    """LV-VAE with a warm start (ours, not the paper's; the README says why: the fold). The decoder outputs (mean, raw
+    log sigma) per pixel as for LV-VAE (Eq. 11), but until the hand-over log sigma is one learned scalar (Eq. 10, from
+    sigma = 1) and the per-pixel head gets exactly zero gradient. hand_over() sets the head's weights to 0 and its
+    bias to the scalar's raw log sigma: soft_floor(head) is then the scalar's log sigma for every z and pixel, so the
+    model and its ELBO are the same just before and after, and from then on the per-pixel head learns."""
+
+    decoder_outputs_per_dim = 2
+
+    def __init__(self, floor=MIN_LOG_SIGMA):
+        super().__init__()
+        self.floor = floor
+        self.scalar = LearnedScalarSigma((1, 1, 1), floor=floor)  # the LS-VAE phase
+        self.register_buffer("handed_over", torch.zeros((), dtype=torch.bool))  # a tensor: no recompile when it flips
+
+    def forward(self, decoder_out, x=None):
+        mean, raw_log_sigma = decoder_out.chunk(2, dim=1)
+        per_pixel = soft_floor(raw_log_sigma, self.floor)  # Eq. 11, after the hand-over
+        return mean, torch.where(self.handed_over, per_pixel, self.scalar.log_sigma.expand_as(per_pixel))
+
+    @torch.no_grad()
+    def hand_over(self, output_layer):
+        """output_layer: the decoder's last ConvTranspose2d; its output channels C..2C are the raw log sigma."""
+        channels = output_layer.out_channels // 2
+        output_layer.weight[:, channels:].zero_()  # (in, out, kH, kW): out channels C..2C
+        output_layer.bias[channels:].copy_(self.scalar.raw_log_sigma.reshape(()))
+        self.handed_over.fill_(True)
+
+
 def make_model(args):
     arch = ARCHITECTURES[args.dataset]
     shape = (1, 1, 1)  # one sigma for all pixels
+    learned = (lambda: WarmStartSigma()) if getattr(args, "lv_warmup", 0) else (lambda: LearnedPerDimSigma(dim=1))
     obs = {"fixed": lambda: FixedSigma(args.sigma_value), "learned-scalar": lambda: LearnedScalarSigma(shape),
-           "learned": lambda: LearnedPerDimSigma(dim=1), "optimal": lambda: OptimalSigma(shape)}[args.sigma]()
+           "learned": learned, "optimal": lambda: OptimalSigma(shape)}[args.sigma]()
     model = ConvVAE(arch["channels"], arch["size"], arch["widths"], arch["strides"], arch["blocks"],
                     arch["latent_dim"], obs.decoder_outputs_per_dim)
     return model, obs
@@ -479,10 +518,16 @@ def command_line(launcher, argv):
     return " ".join([launcher, inside_repository(os.path.abspath(argv[0])), *map(relative, argv[1:])])
 
 
+def setting_name(sigma, sigma_value=None, lv_warmup=0):
+    """Table 2's name of a setting: F-VAE (sigma=0.707), LS-VAE, LV-VAE, LV-VAE, warm start (N steps), sigma-VAE."""
+    name = SIGMA_NAMES[sigma] + (f" (sigma={sigma_value:.3g})" if sigma == "fixed" else "")
+    return name + (f", warm start ({lv_warmup} steps)" if lv_warmup else "")
+
+
 def paper_value(run):
     """The paper's Table 2 number for this run's setting: F-VAE with the MSE's sigma = 1/sqrt(2), or LV-VAE."""
     mse = run["sigma"] == "fixed" and abs(run["sigma_value"] - 1 / math.sqrt(2)) < 1e-9
-    if run["likelihood"] != "continuous" or not (mse or run["sigma"] == "learned"):
+    if run["likelihood"] != "continuous" or run.get("lv_warmup") or not (mse or run["sigma"] == "learned"):
         return "not in the paper"
     return PAPER_TABLE2[run["dataset"], run["sigma"]]
 
@@ -518,7 +563,7 @@ def write_table2(out):
     ]
     for run in runs:
         final, iwae = run["final"], run["iwae"]
-        setting = SIGMA_NAMES[run["sigma"]] + (f" (sigma={run['sigma_value']:.3g})" if run["sigma"] == "fixed" else "")
+        setting = setting_name(run["sigma"], run["sigma_value"], run.get("lv_warmup", 0))
         table2 = final["table2_bits_per_pixel"]
         without_2pi = None if table2 is None else table2 + 0.5 * math.log2(2 * math.pi)
         wall = f"{run['wall_minutes']:.1f} min" + (f" ({run['train_minutes']:.1f})" if "train_minutes" in run else "")
@@ -616,8 +661,8 @@ def announce(args, model, train_pixels, test_pixels, steps_per_epoch, eval_image
         "continuous, fused Triton kernel" if likelihood(args, device) is not gaussian_nll else "continuous, PyTorch"
     processes = "" if world_size == 1 else f", {world_size} processes ({dist.get_backend()})"
     print(f"train_images: {args.dataset} ({len(train_pixels)} train, {len(test_pixels)} test images), "
-          f"{SIGMA_NAMES[args.sigma]}, likelihood {nll_path}, {sum(p.numel() for p in model.parameters()):,} "
-          f"parameters, {args.dtype}, compile {args.compile}, {steps_per_epoch} steps of "
+          f"{setting_name(args.sigma, args.sigma_value, args.lv_warmup)}, likelihood {nll_path}, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters, {args.dtype}, compile {args.compile}, {steps_per_epoch} steps of "
           f"{args.batch_size * world_size} an epoch{processes}, on {hardware(device)}; run {run_dir}")
     twice = ", each bound also dequantized" if args.likelihood == "continuous" else ""
     print(f"train_images: evaluation every {args.eval_every} epoch(s): the ELBO of {eval_images} test images; at the "
@@ -635,12 +680,14 @@ def record_run(args, model, obs, test_pixels, final, iwae, record, out, device):
     sigma_summary = f"{sigma.mean().item():.4g}" if sigma.numel() == 1 else \
         f"per pixel: median {sigma.median().item():.3g}, min {sigma.min().item():.3g}, max {sigma.max().item():.3g}"
     os.makedirs(out, exist_ok=True)
-    name = f"{args.dataset}_{args.sigma}_{args.likelihood}"
+    name = f"{args.dataset}_{args.sigma}{'_warmstart' if args.lv_warmup else ''}_{args.likelihood}"
     grids = list(figures(model, obs, test_pixels, device, torch.Generator(device).manual_seed(0))[0].items())
-    title = f"{args.dataset}, {SIGMA_NAMES[args.sigma]}, {args.likelihood} likelihood, {args.epochs} epoch(s)"
+    title = f"{args.dataset}, {setting_name(args.sigma, args.sigma_value, args.lv_warmup)}, {args.likelihood} " \
+        f"likelihood, {args.epochs} epoch(s)"
     for kind, part in [("reconstructions", grids[:2]), ("generations", grids[2:])]:
         save_grids(dict(part), os.path.join(out, f"{name}_{kind}.png"), title, record["command"])
-    record.update(dataset=args.dataset, sigma=args.sigma, sigma_value=args.sigma_value, likelihood=args.likelihood,
+    record.update(dataset=args.dataset, sigma=args.sigma, sigma_value=args.sigma_value, lv_warmup=args.lv_warmup,
+                  likelihood=args.likelihood,
                   epochs=args.epochs, final=final, iwae=iwae, iwae_k=args.iwae_k, dtype=args.dtype,
                   compile=args.compile, sigma_summary=sigma_summary + (" (sqrt of the training MSE)"
                                                                        if args.sigma == "optimal" else ""))
@@ -747,6 +794,8 @@ def main(args):
             meter += step_fn(step_module, optimizer, guard, train_pixels[order[batch, rank]], eps,
                              args.compile == "reduce-overhead")
             step, position = step + 1, position + global_batch
+            if step == args.lv_warmup:  # the warm start's hand-over (--lv-warmup), once: the ELBO does not change
+                obs.hand_over(model.decoder[-1])
             where = f"step {step} (epoch {epoch + 1}, {position} of {steps_per_epoch * global_batch} images)"
             if step % args.log_every == 0 or step == first_step + 1 or batch == steps_per_epoch - 1:
                 sync(epoch, where, position, epoch_data_rng)

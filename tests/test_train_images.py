@@ -535,3 +535,42 @@ def test_celeba_cache_goes_to_cache_dir_and_the_dataset_folder_stays_untouched(t
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.listdir(tmp_path / "cache") == ["celeba_img_align_celeba_64.npz"]
     assert sorted(os.listdir(tmp_path / "celeba")) == ["img_align_celeba", "list_eval_partition.txt"]
+
+
+# --- LV-VAE with a warm start (issue 12; ours, not the paper's) ---
+
+
+def test_warm_start_hand_over_leaves_the_elbo_unchanged():
+    # LS-VAE first (the per-pixel head gets no gradient), then the head takes over with zero weights and the scalar's
+    # raw log sigma as bias: the ELBO of a fixed batch and fixed noise is the same just before and after.
+    torch.manual_seed(0)
+    args = train_images.parse_args(["--sigma", "learned", "--lv-warmup", "5"])
+    model, obs = train_images.make_model(args)
+    assert isinstance(obs, train_images.WarmStartSigma)
+    with torch.no_grad():
+        obs.scalar.raw_log_sigma.fill_(-1.3)  # as if LS-VAE had learned sigma = exp(-1.3)
+    x, eps = torch.rand(4, 1, 28, 28), torch.randn(4, 256)
+    _, _, elbo, (_, log_sigma) = elbo_terms(model, obs, x, eps, event_dims=3)
+    elbo.sum().backward()
+    assert model.decoder[-1].weight.grad[:, 1:].abs().max() == 0  # the per-pixel head: exactly zero gradient
+    assert torch.allclose(log_sigma, torch.full_like(log_sigma, obs.scalar.log_sigma.item()))
+    obs.hand_over(model.decoder[-1])
+    _, _, after, (_, log_sigma_after) = elbo_terms(model, obs, x, eps, event_dims=3)
+    torch.testing.assert_close(after, elbo, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(log_sigma_after, log_sigma)
+    model.zero_grad(), obs.zero_grad()
+    after.sum().backward()
+    assert model.decoder[-1].weight.grad[:, 1:].abs().max() > 0 and obs.scalar.raw_log_sigma.grad.abs().item() == 0
+
+
+def test_warm_start_run_hands_over_at_its_step_and_records_its_row(tmp_path):
+    data = write_tiny_mnist(tmp_path / "mnist")
+    result = run(["--epochs", "2", "--lv-warmup", "4", *tiny_flags(tmp_path, data)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = only_checkpoint(tmp_path)
+    assert bool(state["obs"]["handed_over"]) and state["model"]["decoder.11.bias"][1] != 0
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
+    assert record["lv_warmup"] == 4 and "LV-VAE, warm start (4 steps)" in (tmp_path / "out" / "table2.md").read_text()
+    assert (tmp_path / "out" / "mnist_learned_warmstart_continuous_reconstructions.png").exists()
+    result = run(["--sigma", "fixed", "--lv-warmup", "4"])
+    assert result.returncode == 2 and "--lv-warmup goes with --sigma learned only" in result.stderr

@@ -174,8 +174,13 @@ class ConvVAE(nn.Module):
 
 
 def soft_floor(raw_log_sigma, floor=MIN_LOG_SIGMA):
-    """log_sigma = floor + softplus(raw - floor): smooth, monotone, >= floor, and ~ raw well above the floor."""
-    return floor + F.softplus(raw_log_sigma - floor)
+    """log_sigma = floor + softplus(raw - floor): smooth, monotone, >= floor, and ~ raw well above the floor.
+
+    softplus(y) = max(y, 0) + log1p(exp(-|y|)), written out: torch's fused softplus rounds some inputs 1 ulp apart on
+    AVX2 and AVX-512 CPUs, which made LV-VAE's trajectories depend on the machine; exp and log1p do not (tested).
+    """
+    y = raw_log_sigma - floor
+    return floor + (F.relu(y) + torch.log1p(torch.exp(-y.abs())))
 
 
 def inverse_soft_floor(log_sigma, floor=MIN_LOG_SIGMA):

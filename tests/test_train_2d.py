@@ -196,3 +196,34 @@ def test_end_to_end_writes_table_and_figures_and_a_rerun_gives_the_same_table(tm
     rerun = run_tiny(tmp_path / "rerun", tmp_path / "runs_rerun")
     numbers = lambda text: [line for line in text.splitlines() if line.startswith(("|", "Ranking", "LS-VAE's"))]
     assert numbers(rerun) == numbers(table)
+
+
+TRAIN_DIGEST = """
+import hashlib, sys, torch
+import train_2d
+from common import LearnedPerDimSigma
+args = train_2d.parse_args(["--steps", "100", "--lv-warmup", "50", "--hidden", "16", "--blocks", "1", "--logdir", sys.argv[1]])
+ensemble = train_2d.Ensemble([("LV-VAE", LearnedPerDimSigma()), ("LV-VAE, warm start", train_2d.WarmStartSigma(3))],
+                             [0, 1, 2], args, "cpu")
+train_2d.train([ensemble], [0, 1, 2], args, "cpu", "digest")
+print(torch.backends.cpu.get_cpu_capability(), hashlib.sha256(b"".join(p.detach().numpy().tobytes()
+      for p in list(ensemble.model.parameters()) + list(ensemble.obs.parameters()))).hexdigest())
+"""
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="needs a CPU with AVX-512 to compare")
+def test_lv_rows_train_bit_identically_on_avx2_and_avx512_kernels(tmp_path):
+    # Issue 12, item 6: a rerun changed the LV-VAE row alone; the machine's vector kernels (AVX2 or AVX-512) decided
+    # the last bit of torch's fused softplus in the sigma head, and LV-VAE's dynamics amplified it.
+    import os
+
+    digests = set()
+    for capability in ["AVX512", "AVX2"]:
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower(), OMP_NUM_THREADS="1")
+        result = subprocess.run([sys.executable, "-c", TRAIN_DIGEST, str(tmp_path / "runs")], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-1000:]
+        used, digest = result.stdout.split()[-2:]
+        assert used == capability
+        digests.add(digest)
+    assert len(digests) == 1

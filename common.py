@@ -355,15 +355,17 @@ def dequantized_bits_per_dim(log_density_nats, dims, bin_width):
 
 
 @torch.no_grad()
-def iwae_bound(model, obs, x, k, generator=None, event_dims=1, nll=gaussian_nll):
+def iwae_bound(model, obs, x, k, generator=None, event_dims=1, nll=gaussian_nll, eps=None):
     """k-sample importance-weighted bound (Burda et al. 2016) on log p(x), nats per sample, of x's batch shape.
 
     log p(x) >= E log (1/k) sum_j p(x|z_j) p(z_j) / q(z_j|x),  z_j ~ q(z|x). k = 1 is the ELBO. The k samples of the
     B points go through the decoder as one batch of k*B (in the batch dimension, the last before the event dims).
+    eps: the (..., k, B, L) reparametrisation noise, drawn here from `generator` when None.
     """
     mu, log_std = model.encode(x)  # (..., B, L)
     lead, batch = mu.shape[:-2], mu.shape[-2]
-    eps = torch.randn(lead + (k,) + mu.shape[-2:], generator=generator, device=x.device)  # (..., k, B, L)
+    if eps is None:
+        eps = torch.randn(lead + (k,) + mu.shape[-2:], generator=generator, device=x.device)  # (..., k, B, L)
     z_sample = mu.unsqueeze(-3) + torch.exp(log_std).unsqueeze(-3) * eps
     decoder_out = model.decode(z_sample.reshape(lead + (k * batch, mu.shape[-1])))
     event_shape = x.shape[x.ndim - event_dims :]

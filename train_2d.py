@@ -423,12 +423,16 @@ def evaluate(ens, x_eval, args):
     """Final ELBO (1 sample, all eval points) and IWAE-k (first iwae_points) per member: {setting: dict of (seeds,)}."""
     ens.model.eval(), ens.obs.eval()
     members = len(ens.names) * len(ens.seeds)
-    generator = torch.Generator(device=x_eval.device).manual_seed(1234)
+    # Seeded noise, one stream per seed, shared by every row: a member's numbers depend on its seed and setting only,
+    # not on the device nor on which other rows train beside it.
+    generators = [torch.Generator().manual_seed(2**30 + seed) for seed in ens.seeds]
+    noise = lambda *shape: torch.stack([torch.randn(*shape, generator=g) for g in generators]).repeat(
+        len(ens.names), *[1] * len(shape)).to(x_eval.device)
     elbo = torch.cat([elbo_terms(ens.model, ens.obs, part.expand(members, *part.shape),
-                                 torch.randn(members, len(part), args.latent_dim, generator=generator,
-                                             device=x_eval.device))[2]
-                      for part in x_eval.split(1000)], dim=1)  # seeded noise: a rerun gives the same table
-    iwae = torch.cat([iwae_bound(ens.model, ens.obs, part.expand(members, *part.shape), args.iwae_k, generator)
+                                 noise(len(part), args.latent_dim))[2]
+                      for part in x_eval.split(1000)], dim=1)
+    iwae = torch.cat([iwae_bound(ens.model, ens.obs, part.expand(members, *part.shape), args.iwae_k,
+                                 eps=noise(args.iwae_k, len(part), args.latent_dim))
                       for part in x_eval[: args.iwae_points].split(max(1, 10000 // args.iwae_k))], dim=1)
     # Final sigma: the fixed or learned value; for LV-VAE the geometric mean of sigma over the eval points and dims.
     _, log_sigma = ens.obs(ens.model.decode(ens.model.encode(x_eval[:2000].expand(members, -1, -1))[0]),

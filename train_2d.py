@@ -13,8 +13,8 @@ sigma(z), Eq. 11), F*-VAE (sigma fixed at the final sigma of LS-VAE with the sam
 sigma that replays LS-VAE's recorded sigma(t), from another initialisation and data stream), and two rows the paper
 does not have: the sigma-VAE of Rybkin et al. (sigma^2 = batch MSE), and LV-VAE with a warm start (ours: trained as
 LS-VAE for --lv-warmup steps, then handed over to the per-dimension sigma(z) head; see WarmStartSigma). All seeds of all
-settings that share a decoder shape train as one batched ensemble (common.MLPVAE); members with the same seed share
-initial weights, data batches and reparametrisation noise, so the settings differ only in their observation model.
+settings of a phase train as one batched ensemble (common.MLPVAE); members with the same seed share initial weights,
+data batches and reparametrisation noise, so the settings differ only in their observation model.
 
     python train_2d.py                                # quick preset: small nets, 3 seeds, a few minutes on a CPU
     python train_2d.py --preset paper --device cuda   # the paper's protocol: 10 seeds, 200-unit ResNets
@@ -205,7 +205,7 @@ def draw_batches(generators, steps, args, device):
     return x.to(device, non_blocking=True), eps.to(device, non_blocking=True)
 
 
-# --- ensembles: every seed of every setting that shares a decoder shape, trained as one batched model ---
+# --- ensembles: every seed of every setting of a phase, trained as one batched model ---
 
 CHUNK_STEPS = 250  # batches drawn per copy to the device; also how often the host reads the NaN record
 FOLD_PROBE_EVERY = 5  # steps between two looks at what the LV rows' latent encodes, until --lv-warmup + 500
@@ -252,7 +252,11 @@ class WarmStartSigma(nn.Module):
 
 
 class StackedObservation(nn.Module):
-    """Observation models of consecutive member groups, applied to their slices of the (M, B, D) ensemble output."""
+    """Observation models of consecutive member groups, applied to their slices of the ensemble's decoder output.
+
+    The decoder has as many outputs per data dimension as the widest model needs (2 with an LV row: mean and raw log
+    sigma); a model that needs fewer reads the first ones, and the others get exactly zero gradient.
+    """
 
     def __init__(self, groups):
         super().__init__()
@@ -263,7 +267,7 @@ class StackedObservation(nn.Module):
         sizes = [decoder_out.shape[0] // len(self.models)] * len(self.models)
         means, log_sigmas = [], []
         for obs, out_part, x_part in zip(self.models, decoder_out.split(sizes), x.split(sizes)):
-            mean, log_sigma = obs(out_part, x_part)
+            mean, log_sigma = obs(out_part[..., : x.shape[-1] * obs.decoder_outputs_per_dim], x_part)
             means.append(mean)
             log_sigmas.append(log_sigma.expand_as(mean))
         return torch.cat(means), torch.cat(log_sigmas)
@@ -275,7 +279,7 @@ class Ensemble:
     def __init__(self, groups, seeds, args, device):
         self.names, self.seeds = [name for name, _ in groups], seeds
         self.obs = StackedObservation(groups).to(device)
-        out_dim = 2 * groups[0][1].decoder_outputs_per_dim
+        out_dim = 2 * max(obs.decoder_outputs_per_dim for _, obs in groups)
         self.model = MLPVAE(seeds * len(groups), 2, args.latent_dim, out_dim, args.hidden, args.blocks).to(device)
         self.optimizer = torch.optim.Adam(list(self.model.parameters()) + list(self.obs.parameters()), lr=args.lr, fused=True)
         # NaN guard without a host sync: the first step with a non-finite loss and its member stay on the device
@@ -361,7 +365,7 @@ def train(ensembles, data_seeds, args, device, phase):
     lv_log_sigma = {name: [] for ens in ensembles for name in ens.names if name.startswith("LV-VAE")}
     fold = {name: {"step": [], "corr": []} for name in lv_log_sigma}
     # What the LV rows' main latent encodes, on fixed points: ranks of u and of x2 (Fig. 11)
-    probe_x, probe_u = sample_data(1000, torch.Generator().manual_seed(2**31 - 2), args.data, return_u=True)
+    probe_x, probe_u = sample_data(500, torch.Generator().manual_seed(2**31 - 2), args.data, return_u=True)
     probe_x, probe_ranks = probe_x.to(device), ranks(torch.stack([probe_u, probe_x[:, 1]])).to(device)
     has_ls = any("LS-VAE" in ens.names for ens in ensembles)
     ls_log_sigma = torch.zeros(args.steps, len(data_seeds), device=device) if has_ls else None
@@ -464,17 +468,18 @@ def main(args):
           f"{args.blocks} blocks of {args.hidden} units (paper: {PRESETS['paper']}), on {hardware(device)}")
     started = time.time()
 
-    # Phase 1: the rows that need nothing from another row. One ensemble per decoder shape.
-    mean_groups = [(f"F-VAE sigma={s:g}", FixedSigma(torch.full((len(seeds), 1, 1), s)))
-                   for s in (args.fixed_sigmas if "F" in args.settings else [])]
+    # Phase 1: the rows that need nothing from another row, as one ensemble (one set of kernels per step).
+    groups = [(f"F-VAE sigma={s:g}", FixedSigma(torch.full((len(seeds), 1, 1), s)))
+              for s in (args.fixed_sigmas if "F" in args.settings else [])]
     if "LS" in args.settings:
-        mean_groups.append(("LS-VAE", LearnedScalarSigma((len(seeds), 1, 1))))
+        groups.append(("LS-VAE", LearnedScalarSigma((len(seeds), 1, 1))))
     if "optimal" in args.settings:
-        mean_groups.append(("sigma-VAE", OptimalSigma((len(seeds), 1, 1))))
-    per_dim_groups = [("LV-VAE", LearnedPerDimSigma(dim=-1))] if "LV" in args.settings else []
+        groups.append(("sigma-VAE", OptimalSigma((len(seeds), 1, 1))))
+    if "LV" in args.settings:
+        groups.append(("LV-VAE", LearnedPerDimSigma(dim=-1)))
     if "LVwarm" in args.settings:
-        per_dim_groups.append(("LV-VAE, warm start", WarmStartSigma(len(seeds))))
-    ensembles = [Ensemble(groups, seeds, args, device) for groups in [mean_groups, per_dim_groups] if groups]
+        groups.append(("LV-VAE, warm start", WarmStartSigma(len(seeds))))
+    ensembles = [Ensemble(groups, seeds, args, device)] if groups else []
     history, ls_schedule = train(ensembles, seeds, args, device, "phase 1")
     phase_seconds = [time.time() - started]
 

@@ -89,6 +89,9 @@ parser.add_argument("--data", choices=DATASETS, default="sine",
 parser.add_argument("--lv-warmup", type=int, default=1000,
                     help="LVwarm: steps trained as LS-VAE before the hand-over to the per-dimension sigma(z) head "
                          "(default 1000)")
+parser.add_argument("--lv-handover", choices=["fixed", "settled"], default="fixed",
+                    help="LVwarm: hand over after --lv-warmup steps (fixed, default), or per seed once the LS phase's "
+                         "reconstruction NLL and KL have settled (see SETTLE_WINDOW)")
 parser.add_argument("--fixed-sigmas", type=float, nargs="+", default=[1.0, 0.3, 0.1, 0.043, 0.03, 0.01],
                     help="sigma values of the F-VAE rows (default: the paper's 1 0.3 0.1 0.043 0.03 0.01)")
 parser.add_argument("--blocks", type=int, default=4, help="residual blocks per ResNet (default 4, the paper's)")
@@ -122,7 +125,7 @@ def parse_args(argv=None):
                 "iwae_points", "log_every", "lv_warmup"]:
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
-    if "LVwarm" in args.settings and args.lv_warmup >= args.steps:
+    if "LVwarm" in args.settings and args.lv_handover == "fixed" and args.lv_warmup >= args.steps:
         parser.error(f"--lv-warmup ({args.lv_warmup}) must be below --steps ({args.steps}): the warm start needs steps "
                      "after its hand-over; lower --lv-warmup or drop LVwarm from --settings")
     if args.iwae_points > args.eval_points:
@@ -209,6 +212,11 @@ def draw_batches(generators, steps, args, device):
 
 CHUNK_STEPS = 250  # batches drawn per copy to the device; also how often the host reads the NaN record
 FOLD_PROBE_EVERY = 5  # steps between two looks at what the LV rows' latent encodes, until --lv-warmup + 500
+# --lv-handover settled: every SETTLE_WINDOW steps, a warm-start member hands over once the running averages (time
+# constant SETTLE_AVERAGE steps) of its training reconstruction NLL and KL have both moved by less than SETTLE_TOLERANCE
+# nats per point over the window (first look at step 2 x SETTLE_WINDOW + 1). Chosen once, before any run: a window of a
+# few hundred steps, a tolerance far below the differences between rows in Table 1 and above the averages' noise.
+SETTLE_WINDOW, SETTLE_AVERAGE, SETTLE_TOLERANCE = 250, 100, 0.02
 
 
 class WarmStartSigma(nn.Module):
@@ -221,8 +229,9 @@ class WarmStartSigma(nn.Module):
     its ELBO are the same just before and after. What changes is where the sigma terms' gradient goes: through the head
     into the decoder and, through z, into the encoder. Why (the fold of LV-VAE from scratch): README.
 
-    Adam's step count is one per weight tensor, shared with the rest of the layer, so the head's first updates after
-    the hand-over get little bias correction of its fresh second moment: they are up to a few times lr, not lr.
+    Adam's step count is one per weight tensor, shared with the rest of the layer, so the head's fresh moments get
+    almost no bias correction after the hand-over: under a steady gradient its updates reach ~5 lr some ten steps
+    after it and fall back to ~lr over the next ~1,000 steps (a head trained from scratch moves by ~lr throughout).
     """
 
     decoder_outputs_per_dim = 2
@@ -232,6 +241,10 @@ class WarmStartSigma(nn.Module):
         self.floor = floor
         self.scalar = LearnedScalarSigma((members, 1, 1), floor=floor)  # the LS-VAE phase
         self.register_buffer("handed_over", torch.zeros(members, 1, 1, dtype=torch.bool))
+        self.register_buffer("handover_step", torch.full((members,), -1, dtype=torch.long))
+        # --lv-handover settled: running averages of (reconstruction NLL, KL), now and one window ago
+        self.register_buffer("loss_average", torch.zeros(members, 2))
+        self.register_buffer("loss_average_before", torch.full((members, 2), math.inf))
 
     def forward(self, decoder_out, x=None):
         mean, raw_log_sigma = decoder_out.chunk(2, dim=-1)
@@ -239,7 +252,7 @@ class WarmStartSigma(nn.Module):
         return mean, torch.where(self.handed_over, per_dim, self.scalar.log_sigma)  # Eq. 10 before it
 
     @torch.no_grad()
-    def hand_over(self, head_weight, head_bias, now=None):
+    def hand_over(self, head_weight, head_bias, step, now=None):
         """Members where `now` (members, 1, 1) is true (all when None) switch to the per-dimension head, once.
 
         head_weight (members, hidden, D) and head_bias (members, 1, D): views of the log sigma half of the decoder's
@@ -249,6 +262,21 @@ class WarmStartSigma(nn.Module):
         head_weight.copy_(torch.where(now, torch.zeros_like(head_weight), head_weight))
         head_bias.copy_(torch.where(now, self.scalar.raw_log_sigma.expand_as(head_bias), head_bias))
         self.handed_over |= now
+        self.handover_step.copy_(torch.where(now.reshape(-1), step, self.handover_step))
+
+    @torch.no_grad()
+    def track(self, recon_nll, kl, step):
+        """Running averages of each member's training reconstruction NLL and KL (members,), nats per point."""
+        value = torch.stack([recon_nll, kl], dim=-1)
+        decay = 0.0 if step == 1 else 1 - 1 / SETTLE_AVERAGE
+        self.loss_average.mul_(decay).add_((1 - decay) * value)
+
+    @torch.no_grad()
+    def settled(self):
+        """(members, 1, 1): both running averages moved by less than SETTLE_TOLERANCE since the last call."""
+        moved = (self.loss_average - self.loss_average_before).abs().amax(dim=-1)
+        self.loss_average_before.copy_(self.loss_average)
+        return (moved < SETTLE_TOLERANCE)[:, None, None]
 
 
 class StackedObservation(nn.Module):
@@ -293,19 +321,28 @@ class Ensemble:
         """(M, ...) -> {setting name: (seeds, ...)}."""
         return dict(zip(self.names, values.reshape(len(self.names), len(self.seeds), *values.shape[1:])))
 
-    def hand_over(self, name, now=None):
+    def hand_over(self, name, step, now=None):
         """The warm start `name` hands over to its per-dimension sigma head (WarmStartSigma.hand_over)."""
         first = self.names.index(name) * len(self.seeds)
         rows, output = slice(first, first + len(self.seeds)), self.model.decoder.output
         dim = output.weight.shape[-1] // 2  # the decoder's outputs: D means, then D raw log sigmas
-        self.group(name).hand_over(output.weight[rows, :, dim:], output.bias[rows, :, dim:], now)
+        self.group(name).hand_over(output.weight[rows, :, dim:], output.bias[rows, :, dim:], step, now)
 
     def before_step(self, step, args):
         for name, obs in zip(self.names, self.obs.models):
             if isinstance(obs, ScheduledSigma):
                 obs.set_step(step - 1)
-            if isinstance(obs, WarmStartSigma) and step == args.lv_warmup + 1:
-                self.hand_over(name)
+            if isinstance(obs, WarmStartSigma) and args.lv_handover == "fixed" and step == args.lv_warmup + 1:
+                self.hand_over(name, step)
+            if isinstance(obs, WarmStartSigma) and args.lv_handover == "settled" and step > SETTLE_WINDOW and step % SETTLE_WINDOW == 1:
+                self.hand_over(name, step, obs.settled())
+
+    def after_step(self, recon_nll, kl, step, args):
+        """--lv-handover settled: the warm start's members follow their own losses (recon_nll, kl: (M, B))."""
+        for name, obs in zip(self.names, self.obs.models):
+            if isinstance(obs, WarmStartSigma) and args.lv_handover == "settled":
+                recon_per_group, kl_per_group = self.per_group(recon_nll.detach().mean(1)), self.per_group(kl.detach().mean(1))
+                obs.track(recon_per_group[name], kl_per_group[name], step)
 
     def train_step(self, x_seeds, eps_seeds, step):
         """One Adam step of every member on its seed's batch (S, B, 2) and noise (S, B, L); returns the ELBO terms."""
@@ -383,6 +420,7 @@ def train(ensembles, data_seeds, args, device, phase):
             if "LS-VAE" in ens.names:  # the sigma this step's loss uses: the schedule F-sched replays
                 ls_log_sigma[step - 1] = ens.group("LS-VAE").log_sigma.detach().reshape(-1)
             recon_nll, kl, elbo, log_sigma = ens.train_step(x_seeds, eps_seeds, step)
+            ens.after_step(recon_nll, kl, step, args)
             if record:  # kept on the device until the end of training
                 values = dict(recon_nll=recon_nll.mean(1), kl=kl.mean(1), elbo=elbo.mean(1),
                               log_sigma=log_sigma.mean(dim=(1, 2)))
@@ -404,6 +442,10 @@ def train(ensembles, data_seeds, args, device, phase):
                for name, h in history.items()}
     for name, f in fold.items():
         history[name]["fold_step"], history[name]["fold"] = np.array(f["step"]), torch.stack(f["corr"]).cpu().numpy()
+    for ens in ensembles:
+        for name, obs in zip(ens.names, ens.obs.models):
+            if isinstance(obs, WarmStartSigma):  # -1: never handed over
+                history[name]["handover_step"] = obs.handover_step.cpu().numpy()
     write_tensorboard(history, {name: torch.stack(v).cpu() for name, v in lv_log_sigma.items()}, data_seeds, args)
     return history, (ls_log_sigma.cpu() if has_ls else None)
 
@@ -534,9 +576,13 @@ def write_table(args, results, history, data_log_p, command, machine, train_seco
         f"first {args.iwae_points} of them. Mean ± std over seeds, and each seed's ELBO in seed order. Higher is "
         "better.",
         "",
-        f"LV-VAE, warm start (ours, not the paper's): trained as LS-VAE for {args.lv_warmup} steps, then handed over to "
-        "the per-dimension sigma(z) head of LV-VAE (zero weights, bias at LS-VAE's log sigma: the same ELBO before and "
-        "after), in the same ensemble as LV-VAE from scratch, with the same initial weights, batches and noise.",
+        "LV-VAE, warm start (ours, not the paper's): trained as LS-VAE, then handed over to the per-dimension "
+        "sigma(z) head of LV-VAE (zero weights, bias at LS-VAE's log sigma: the same ELBO before and after), in the "
+        "same ensemble as LV-VAE from scratch, with the same initial weights, batches and noise. Hand-over "
+        + (f"after {args.lv_warmup} steps." if args.lv_handover == "fixed" else
+           f"once the LS phase's losses settled (--lv-handover settled), at steps "
+           f"{' / '.join(str(s) for s in history['LV-VAE, warm start']['handover_step'].tolist())} per seed "
+           "(-1: never)." if "LV-VAE, warm start" in history else ""),
         "",
         "The paper's ELBO leaves out the Gaussian constant D/2 log 2pi (its F-VAE sigma=1 value, -1.14, is above the "
         "-1.84 that the constant alone would cap it at), so the column 'measured, paper's convention' adds "
@@ -680,11 +726,12 @@ def write_figures(args, ensembles, history, x_eval, u_eval, command):
             for seed, colour in zip(range(args.seeds), plt.rcParams["axes.prop_cycle"].by_key()["color"] * args.seeds):
                 ax.plot(h["fold_step"], h["fold"][:, seed, 0], color=colour, lw=1.2, label=f"seed {args.seed + seed}")
                 ax.plot(h["fold_step"], h["fold"][:, seed, 1], color=colour, lw=1.0, ls=":")
-            if name == "LV-VAE, warm start":
-                ax.axvline(args.lv_warmup, color="gray", lw=1, ls="--", label=f"hand-over (step {args.lv_warmup})")
+                if name == "LV-VAE, warm start" and h["handover_step"][seed] > 0:
+                    ax.axvline(h["handover_step"][seed], color=colour, lw=1, ls="--")
             ax.set(xscale="log", xlabel="step", ylim=(0, 1.02), title=name)
             ax.grid(True, which="major", alpha=0.3)
         axes[0, 0].set_ylabel("|Spearman corr.|: main latent vs u (solid), vs x2 (dotted)")
+        axes[0, -1].set_xlabel("step (dashed: the seed's hand-over)")
         axes[0, 0].legend(fontsize=7, loc="lower left")
         fig.suptitle(f"Fig. 11 (ours): what the main latent encodes on {args.data}, per seed; folded: dotted above solid",
                      fontsize=10)

@@ -65,9 +65,9 @@ def test_warm_start_trains_as_ls_vae_then_hands_over_with_the_same_elbo(tmp_path
     eps = torch.randn(4, 500, 2, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         before = elbo_terms(ensemble.model, ensemble.obs, x, eps)
-        ensemble.hand_over("LV-VAE, warm start")
+        ensemble.hand_over("LV-VAE, warm start", step=41)
         after = elbo_terms(ensemble.model, ensemble.obs, x, eps)
-    assert warm.handed_over.all() and (head == 0).all()
+    assert warm.handed_over.all() and (head == 0).all() and warm.handover_step.tolist() == [41, 41]
     # The same batch and noise: the same log sigma and ELBO of every point, to float precision.
     torch.testing.assert_close(after[3][1], before[3][1], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(after[2], before[2], rtol=1e-6, atol=1e-6)
@@ -89,6 +89,21 @@ def test_warm_start_hands_over_at_the_step_after_lv_warmup_inside_training(tmp_p
         history, _ = train_2d.train([ensemble], [0, 1], args, "cpu", "warm start")
         assert ensemble.group("LV-VAE, warm start").handed_over.tolist() == [[[handed_over]]] * 2
     assert history["LV-VAE, warm start"]["fold"].shape == (5, 2, 2)  # probed at steps 5, 10, 15, 20, 21: seeds, (u, x2)
+
+
+def test_settled_trigger_hands_over_the_seeds_whose_losses_stopped_moving(tmp_path):
+    args = small_args(tmp_path, "--steps", "10", "--lv-handover", "settled")
+    ensemble = train_2d.Ensemble([("LV-VAE, warm start", train_2d.WarmStartSigma(2))], [0, 1], args, "cpu")
+    warm, window = ensemble.group("LV-VAE, warm start"), train_2d.SETTLE_WINDOW
+    for step in range(1, 4 * window + 2):
+        ensemble.before_step(step, args)
+        # seed 0: losses flat; seed 1: the KL still rising by 0.1 nats per window (5 x the tolerance)
+        recon_nll = torch.full((2, 100), -1.0)
+        kl = torch.stack([torch.full((100,), 2.0), torch.full((100,), 2.0 + 0.1 * step / window)])
+        ensemble.after_step(recon_nll, kl, step, args)
+    # First look at step 2 * window + 1 (the averages' change over the second window): seed 0 hands over there.
+    assert warm.handover_step.tolist() == [2 * window + 1, -1]
+    assert warm.handed_over.reshape(-1).tolist() == [True, False]
 
 
 def test_a_non_finite_loss_stops_the_run_naming_step_row_and_seed(tmp_path):

@@ -310,9 +310,8 @@ class Ensemble:
         out_dim = 2 * max(obs.decoder_outputs_per_dim for _, obs in groups)
         self.model = MLPVAE(seeds * len(groups), 2, args.latent_dim, out_dim, args.hidden, args.blocks).to(device)
         self.optimizer = torch.optim.Adam(list(self.model.parameters()) + list(self.obs.parameters()), lr=args.lr, fused=True)
-        # NaN guard without a host sync: the first step with a non-finite loss and its member stay on the device
-        self.nonfinite_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.nonfinite_member = torch.zeros((), dtype=torch.long, device=device)
+        # NaN guard without a host sync: each step's loss per member stays on the device until check_finite reads it
+        self.chunk_losses = torch.zeros(CHUNK_STEPS, len(self.names) * len(seeds), device=device)
 
     def group(self, name):
         return self.obs.models[self.names.index(name)]
@@ -350,21 +349,20 @@ class Ensemble:
         recon_nll, kl, elbo, (_, log_sigma) = elbo_terms(
             self.model, self.obs, x_seeds.repeat(repeat, 1, 1), eps_seeds.repeat(repeat, 1, 1))
         loss_per_member = -elbo.mean(1)  # (M,) nats per point
-        bad = ~torch.isfinite(loss_per_member)
-        first = (self.nonfinite_step < 0) & bad.any()
-        self.nonfinite_step = torch.where(first, step, self.nonfinite_step)
-        self.nonfinite_member = torch.where(first, bad.int().argmax(), self.nonfinite_member)
+        self.chunk_losses[(step - 1) % CHUNK_STEPS] = loss_per_member.detach()
         self.optimizer.zero_grad(set_to_none=True)
         # Members are independent: d(sum of losses)/d(member m's weights) = d(loss_m)/d(member m's weights).
         loss_per_member.sum().backward()
         self.optimizer.step()
         return recon_nll, kl, elbo, log_sigma
 
-    def check_finite(self, args):
-        """Stop with one line naming the step, the row and the seed of the first non-finite loss (a host sync)."""
-        step = int(self.nonfinite_step)
-        if step >= 0:
-            member = int(self.nonfinite_member)
+    def check_finite(self, first_step, steps, args):
+        """After steps first_step .. first_step + steps - 1: stop with one line naming the step, the row and the seed
+        of the first non-finite loss. The one host sync of the loop."""
+        bad = ~torch.isfinite(self.chunk_losses[:steps])
+        if bad.any():
+            row, member = bad.nonzero()[0].tolist()
+            step = first_step + row
             name, seed = self.names[member // len(self.seeds)], self.seeds[member % len(self.seeds)]
             raise SystemExit(f"error: non-finite loss at step {step} in {name} (seed {seed}); "
                              f"lower --lr (now {args.lr}) or raise the smallest fixed sigma")
@@ -410,17 +408,17 @@ def train(ensembles, data_seeds, args, device, phase):
     for step in progress:
         if (step - 1) % CHUNK_STEPS == 0:
             for ens in ensembles:
-                ens.check_finite(args)
+                ens.check_finite(step - CHUNK_STEPS, CHUNK_STEPS if step > 1 else 0, args)
             x_chunk, eps_chunk = draw_batches(generators, min(CHUNK_STEPS, args.steps - step + 1), args, device)
         x_seeds, eps_seeds = x_chunk[(step - 1) % CHUNK_STEPS], eps_chunk[(step - 1) % CHUNK_STEPS]  # (S, B, 2|L)
         record = step % args.log_every == 0 or step == args.steps
         probe = step % FOLD_PROBE_EVERY == 0 and step <= args.lv_warmup + 500 or record
         for ens in ensembles:
             ens.before_step(step, args)
-            if "LS-VAE" in ens.names:  # the sigma this step's loss uses: the schedule F-sched replays
-                ls_log_sigma[step - 1] = ens.group("LS-VAE").log_sigma.detach().reshape(-1)
             recon_nll, kl, elbo, log_sigma = ens.train_step(x_seeds, eps_seeds, step)
             ens.after_step(recon_nll, kl, step, args)
+            if "LS-VAE" in ens.names:  # the sigma this step's loss used: the schedule F-sched replays
+                ls_log_sigma[step - 1] = ens.per_group(log_sigma.detach())["LS-VAE"][:, 0, 0]
             if record:  # kept on the device until the end of training
                 values = dict(recon_nll=recon_nll.mean(1), kl=kl.mean(1), elbo=elbo.mean(1),
                               log_sigma=log_sigma.mean(dim=(1, 2)))
@@ -436,8 +434,9 @@ def train(ensembles, data_seeds, args, device, phase):
                     if name in fold:
                         fold[name]["step"].append(step)
                         fold[name]["corr"].append(corr)
+    last_chunk = (args.steps - 1) % CHUNK_STEPS + 1
     for ens in ensembles:
-        ens.check_finite(args)
+        ens.check_finite(args.steps - last_chunk + 1, last_chunk, args)
     history = {name: {key: np.array(v) if key == "step" else torch.stack(v).cpu().numpy() for key, v in h.items()}
                for name, h in history.items()}
     for name, f in fold.items():

@@ -729,9 +729,11 @@ def write_figures(args, ensembles, history, x_eval, u_eval, command):
                     ax.axvline(h["handover_step"][seed], color=colour, lw=1, ls="--")
             ax.set(xscale="log", xlabel="step", ylim=(0, 1.02), title=name)
             ax.grid(True, which="major", alpha=0.3)
-        axes[0, 0].set_ylabel("|Spearman corr.|: main latent vs u (solid), vs x2 (dotted)")
+        axes[0, 0].plot([], [], color="black", lw=1.2, label="with u")
+        axes[0, 0].plot([], [], color="black", lw=1.0, ls=":", label="with x2")
+        axes[0, 0].set_ylabel("|Spearman corr.| of the main latent")
         axes[0, -1].set_xlabel("step (dashed: the seed's hand-over)")
-        axes[0, 0].legend(fontsize=7, loc="lower left")
+        axes[0, 0].legend(fontsize=7, loc="lower left", ncol=2)
         fig.suptitle(f"Fig. 11 (ours): what the main latent encodes on {args.data}, per seed; folded: dotted above solid",
                      fontsize=10)
         fig.tight_layout(rect=(0, 0.03, 1, 1))

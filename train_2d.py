@@ -104,7 +104,7 @@ parser.add_argument("--iwae-points", type=int, default=1000,
                     help="how many of the eval points the IWAE-k bound uses (default 1000)")
 parser.add_argument("--log-every", type=int, default=20, help="steps between recorded/logged losses (default 20)")
 parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto: cuda if present")
-parser.add_argument("--out", help="folder for table1.md and the figures (default results/2d/<preset>)")
+parser.add_argument("--out", help="folder for table1.md and the figures (default results/2d/<preset>[_<data>])")
 parser.add_argument("--logdir", default="runs", help="TensorBoard folder (default runs)")
 
 

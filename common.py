@@ -174,8 +174,13 @@ class ConvVAE(nn.Module):
 
 
 def soft_floor(raw_log_sigma, floor=MIN_LOG_SIGMA):
-    """log_sigma = floor + softplus(raw - floor): smooth, monotone, >= floor, and ~ raw well above the floor."""
-    return floor + F.softplus(raw_log_sigma - floor)
+    """log_sigma = floor + softplus(raw - floor): smooth, monotone, >= floor, and ~ raw well above the floor.
+
+    softplus(y) = max(y, 0) + log1p(exp(-|y|)), written out: torch's fused softplus rounds some inputs 1 ulp apart on
+    AVX2 and AVX-512 CPUs, which made LV-VAE's trajectories depend on the machine; exp and log1p do not (tested).
+    """
+    y = raw_log_sigma - floor
+    return floor + (F.relu(y) + torch.log1p(torch.exp(-y.abs())))
 
 
 def inverse_soft_floor(log_sigma, floor=MIN_LOG_SIGMA):
@@ -350,15 +355,17 @@ def dequantized_bits_per_dim(log_density_nats, dims, bin_width):
 
 
 @torch.no_grad()
-def iwae_bound(model, obs, x, k, generator=None, event_dims=1, nll=gaussian_nll):
+def iwae_bound(model, obs, x, k, generator=None, event_dims=1, nll=gaussian_nll, eps=None):
     """k-sample importance-weighted bound (Burda et al. 2016) on log p(x), nats per sample, of x's batch shape.
 
     log p(x) >= E log (1/k) sum_j p(x|z_j) p(z_j) / q(z_j|x),  z_j ~ q(z|x). k = 1 is the ELBO. The k samples of the
     B points go through the decoder as one batch of k*B (in the batch dimension, the last before the event dims).
+    eps: the (..., k, B, L) reparametrisation noise, drawn here from `generator` when None.
     """
     mu, log_std = model.encode(x)  # (..., B, L)
     lead, batch = mu.shape[:-2], mu.shape[-2]
-    eps = torch.randn(lead + (k,) + mu.shape[-2:], generator=generator, device=x.device)  # (..., k, B, L)
+    if eps is None:
+        eps = torch.randn(lead + (k,) + mu.shape[-2:], generator=generator, device=x.device)  # (..., k, B, L)
     z_sample = mu.unsqueeze(-3) + torch.exp(log_std).unsqueeze(-3) * eps
     decoder_out = model.decode(z_sample.reshape(lead + (k * batch, mu.shape[-1])))
     event_shape = x.shape[x.ndim - event_dims :]

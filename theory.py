@@ -19,6 +19,24 @@ concave (log-concavity of 0F1, checked numerically here on every grid) f is conc
 maximum for every a <= sqrt(D). The critical ratio is exactly R/sigma = sqrt(D): Theorem 1's sigma >= R/sqrt(D-1)
 holds but is not tight; the VAE also fails for sqrt(D-1) < R/sigma <= sqrt(D).
 
+A learned scalar sigma at the collapse sits exactly on the threshold (ours; it joins Theorem 1 to Sec. 3.3). Collapsed,
+the decoder means are the centre and p(x) = N(x; 0, sigma^2 I), whose maximum-likelihood sigma is sigma*^2 = E||x||^2 / D:
+on S_{D-1}(R), R/sigma* = sqrt(D), where the r^2 term of f vanishes. With every constant, for ||x|| = R,
+
+    L(s, t) = log p(x) = -D t - (R^2 + s) e^{-2t} / 2 + h(s R^2 e^{-4t} / 4) - (D/2) log 2 pi,   s = r^2,  t = log sigma,
+
+and at (s, t) = (0, log sigma*): dL/ds = dL/dt = 0, d2L/ds2 = -1 / (2 (D+2) sigma*^4) (from h's y^2 term),
+d2L/dsdt = -1/sigma*^2, d2L/dt2 = -2D. The determinant, -2 / ((D+2) sigma*^4), is negative: the point is a saddle of
+(s, t), not a maximum. Its ascent direction lowers sigma as r grows: with sigma at its best for each r,
+t = log sigma* - r^2 / (2 D sigma*^2), L gains r^4 / (2 D (D+2) sigma*^4), and the force on r is 2 r^3 / (D (D+2) sigma*^4):
+third order, so an exact likelihood would leave the collapse only very slowly. A VAE maximises the ELBO, which lies
+below log p(x) by KL(q(z|x) || p(z|x)); near r = 0 the posterior tilts the prior by an amount of order r R / sigma^2,
+in a shape (a von Mises tilt of the angle of z) that a Gaussian q(z|x) cannot follow, so the gap is of order r^2 and
+outweighs the r^4 gain: on the ELBO the collapsed point with sigma = R/sqrt(D) is a maximum in (r, sigma), and a
+learned scalar sigma started above R/sqrt(D) (sigma = 1 on the unit circle) collapses and stays there. The gap argument
+is ours and not a proof; the saddle is checked numerically (tests/test_theory.py) and the collapse is measured with
+`train_2d.py --data circle` (README).
+
     python theory.py                              # threshold table + Fig. 2 heat maps (D = 2 and 10), seconds
     python theory.py --train                      # also train VAEs on spheres at 0.7 and 1.4 x sqrt(D) (minutes)
     python theory.py --dims 2 4 8 --heatmap-dims 3 --out results/theory_try
@@ -99,6 +117,11 @@ def log_p_eq8_quadrature(rho, a, D):
                             epsabs=0, epsrel=1e-12, limit=200)[0]
     norm = integrate.quad(lambda phi: np.sin(phi) ** (D - 2), 0, np.pi, epsabs=0, epsrel=1e-12)[0]
     return -0.5 * rho**2 + np.log(scaled) + k - np.log(norm)
+
+
+def log_p_sphere(r, sigma, R, D):
+    """log p(x) of Eq. 8 with every constant, for ||x|| = R: decoder means uniform on S_{D-1}(r), observation sigma."""
+    return -0.5 * D * np.log(2 * np.pi * sigma**2) - 0.5 * (R / sigma) ** 2 + log_p_eq8(r / sigma, R / sigma, D)
 
 
 def optimal_radius(a, D, grid=4001):

@@ -1,26 +1,30 @@
-"""The artificial 2-D experiment (Sec. 4.1-4.2 and App. A): Table 1 and Figs. 3, 4, 6, 7, 8, 9, 10.
+"""The artificial 2-D experiment (Sec. 4.1-4.2 and App. A): Table 1 and Figs. 3, 4, 6, 7, 8, 9, 10, and our Fig. 11.
 
 Data (Fig. 3; the paper gives no formula, this one is fixed here): a 1-D manifold in R^2 with three noise regions,
     u ~ U(-1, 1),   x = (2u, sin(pi u)) + s(u) * n,   n ~ N(0, I_2),
     s(u) = 0.05 (moderate) for u < -1/3,  0.01 (small) for -1/3 <= u < 1/3,  0.1 (large) for u >= 1/3.
-Every batch of 100 points is drawn anew (the large-sample limit). The true log-density of these data is computed by
-quadrature over u, as the ceiling no ELBO can pass.
+`--data circle` (radius 1, angle pi u, radial noise 0.01 / 0.05 / 0.1 on thirds of the angle) and `--data spiral`
+(1.25 turns, radius 0.5 -> 1.5, the sine's noise regions) are ours, not the paper's. Every batch of 100 points is drawn
+anew (the large-sample limit). The true log-density of the data is computed (quadrature over u, closed form for the
+circle) as the ceiling no ELBO can pass.
 
 Settings (Table 1): F-VAE with fixed sigma, LS-VAE (learned scalar sigma, Eq. 10), LV-VAE (learned per-dimension
 sigma(z), Eq. 11), F*-VAE (sigma fixed at the final sigma of LS-VAE with the same seed), F-sched (App. A.2: a fixed
-sigma that replays LS-VAE's recorded sigma(t), from another initialisation and data stream), and the sigma-VAE of
-Rybkin et al. (sigma^2 = batch MSE), a row the paper does not have. All seeds of all settings that share a decoder
-shape train as one batched ensemble (common.MLPVAE); members with the same seed share initial weights, data batches
-and reparametrisation noise, so the settings differ only in their observation model.
+sigma that replays LS-VAE's recorded sigma(t), from another initialisation and data stream), and two rows the paper
+does not have: the sigma-VAE of Rybkin et al. (sigma^2 = batch MSE), and LV-VAE with a warm start (ours: trained as
+LS-VAE for --lv-warmup steps, then handed over to the per-dimension sigma(z) head; see WarmStartSigma). All seeds of all
+settings of a phase train as one batched ensemble (common.MLPVAE); members with the same seed share initial weights,
+data batches and reparametrisation noise, so the settings differ only in their observation model.
 
     python train_2d.py                                # quick preset: small nets, 3 seeds, a few minutes on a CPU
-    python train_2d.py --preset paper                 # the paper's protocol: 10 seeds, 200-unit ResNets
-    python train_2d.py --settings LS LV --seeds 2 --steps 2000 --out results/2d_try
+    python train_2d.py --preset paper --device cuda   # the paper's protocol: 10 seeds, 200-unit ResNets
+    python train_2d.py --settings LS LV LVwarm --seeds 2 --steps 2000 --data circle --out results/2d_try
 """
 
 import argparse
 import math
 import os
+import re
 import sys
 import time
 
@@ -33,6 +37,7 @@ from common import (
     FixedSigma,
     LearnedPerDimSigma,
     LearnedScalarSigma,
+    MIN_LOG_SIGMA,
     MLPVAE,
     OptimalSigma,
     ScheduledSigma,
@@ -44,6 +49,7 @@ from common import (
     pick_device,
     run_name,
     save_figure,
+    soft_floor,
 )
 
 PRESETS = {  # steps, seeds, hidden units; the paper: ResNets of 4 blocks of 200 units, 10 runs per setting
@@ -60,10 +66,12 @@ PAPER_TABLE1 = {
     "F-VAE sigma=0.01": "-0.961 ± 0.12",
     "LS-VAE": "1.26 ± 0.09 (sigma* = 0.043)",
     "LV-VAE": "1.62 ± 0.08",
+    "LV-VAE, warm start": "not in the paper (ours)",
     "F*-VAE": "below F-VAE sigma=0.1 (text, Sec. 4.2)",
     "F-sched": "same as LS-VAE (text, App. A.2)",
 }
-SETTINGS = ["F", "LS", "LV", "Fstar", "Fsched", "optimal"]
+SETTINGS = ["F", "LS", "LV", "LVwarm", "Fstar", "Fsched", "optimal"]
+DATASETS = ["sine", "circle", "spiral"]
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
 parser.add_argument("--preset", choices=PRESETS, default="quick",
@@ -74,7 +82,16 @@ parser.add_argument("--seeds", type=int, help="runs per setting, seeds --seed ..
 parser.add_argument("--hidden", type=int, help="units per layer of the encoder and decoder ResNets; from --preset")
 parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
 parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=SETTINGS,
-                    help="which rows of Table 1 to train (default: all). Fstar and Fsched need LS")
+                    help="which rows of Table 1 to train (default: all). Fstar and Fsched need LS; LVwarm is LV-VAE "
+                         "with a warm start (ours)")
+parser.add_argument("--data", choices=DATASETS, default="sine",
+                    help="sine: the paper's Fig. 3 shape (default); circle and spiral: ours (see the docstring)")
+parser.add_argument("--lv-warmup", type=int, default=1000,
+                    help="LVwarm: steps trained as LS-VAE before the hand-over to the per-dimension sigma(z) head "
+                         "(default 1000)")
+parser.add_argument("--lv-handover", choices=["fixed", "settled"], default="fixed",
+                    help="LVwarm: hand over after --lv-warmup steps (fixed, default), or per seed once the LS phase's "
+                         "reconstruction NLL and KL have settled (see SETTLE_WINDOW)")
 parser.add_argument("--fixed-sigmas", type=float, nargs="+", default=[1.0, 0.3, 0.1, 0.043, 0.03, 0.01],
                     help="sigma values of the F-VAE rows (default: the paper's 1 0.3 0.1 0.043 0.03 0.01)")
 parser.add_argument("--blocks", type=int, default=4, help="residual blocks per ResNet (default 4, the paper's)")
@@ -87,7 +104,7 @@ parser.add_argument("--iwae-points", type=int, default=1000,
                     help="how many of the eval points the IWAE-k bound uses (default 1000)")
 parser.add_argument("--log-every", type=int, default=20, help="steps between recorded/logged losses (default 20)")
 parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto: cuda if present")
-parser.add_argument("--out", help="folder for table1.md and the figures (default results/2d/<preset>)")
+parser.add_argument("--out", help="folder for table1.md and the figures (default results/2d/<preset>[_<data>])")
 parser.add_argument("--logdir", default="runs", help="TensorBoard folder (default runs)")
 
 
@@ -99,15 +116,18 @@ def parse_args(argv=None):
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.out = args.out or f"results/2d/{args.preset}"
+    args.out = args.out or f"results/2d/{args.preset}" + ("" if args.data == "sine" else f"_{args.data}")
     if ("Fstar" in args.settings or "Fsched" in args.settings) and "LS" not in args.settings:
         parser.error("Fstar and Fsched follow LS-VAE's learned sigma: add LS to --settings")
     if "F" in args.settings and not all(sigma > 0 for sigma in args.fixed_sigmas):
         parser.error("--fixed-sigmas must all be > 0")
     for key in ["steps", "seeds", "hidden", "blocks", "latent_dim", "batch_size", "eval_points", "iwae_k",
-                "iwae_points", "log_every"]:
+                "iwae_points", "log_every", "lv_warmup"]:
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
+    if "LVwarm" in args.settings and args.lv_handover == "fixed" and args.lv_warmup >= args.steps:
+        parser.error(f"--lv-warmup ({args.lv_warmup}) must be below --steps ({args.steps}): the warm start needs steps "
+                     "after its hand-over; lower --lv-warmup or drop LVwarm from --settings")
     if args.iwae_points > args.eval_points:
         parser.error("--iwae-points cannot exceed --eval-points (it uses the first of those points)")
     if args.lr <= 0:
@@ -119,43 +139,152 @@ def parse_args(argv=None):
 
 # --- data ---
 
-NOISE_EDGES, NOISE_LEVELS = (-1 / 3, 1 / 3), (0.05, 0.01, 0.1)  # moderate, small, large
+# Noise level s(u) on thirds of u: u < -1/3, -1/3 <= u < 1/3, u >= 1/3.
+NOISE_EDGES = (-1 / 3, 1 / 3)
+NOISE_LEVELS = {"sine": (0.05, 0.01, 0.1), "circle": (0.01, 0.05, 0.1), "spiral": (0.05, 0.01, 0.1)}
 
 
-def manifold(u):
-    return torch.stack([2 * u, torch.sin(math.pi * u)], dim=-1)
+def manifold(u, data="sine"):
+    """The noise-free curve c(u): u (...) in [-1, 1] -> (..., 2)."""
+    if data == "sine":
+        return torch.stack([2 * u, torch.sin(math.pi * u)], dim=-1)
+    if data == "circle":  # radius R = 1, angle pi u: uniform on the circle
+        return torch.stack([torch.cos(math.pi * u), torch.sin(math.pi * u)], dim=-1)
+    angle, radius = 1.25 * math.pi * (u + 1), 1 + 0.5 * u  # spiral: 1.25 turns, 0.8 apart, radius 0.5 -> 1.5
+    return radius[..., None] * torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1)
 
 
-def noise_level(u):
-    return torch.where(u < NOISE_EDGES[0], NOISE_LEVELS[0], torch.where(u < NOISE_EDGES[1], NOISE_LEVELS[1], NOISE_LEVELS[2]))
+def noise_level(u, data="sine"):
+    low, middle, high = NOISE_LEVELS[data]
+    return torch.where(u < NOISE_EDGES[0], low, torch.where(u < NOISE_EDGES[1], middle, high))
 
 
-def sample_data(n, generator, device="cpu", return_u=False):
+def sample_data(n, generator, data="sine", return_u=False):
     """n points of the 2-D dataset (docstring) -> (n, 2); two draws from `generator`: u, then the noise."""
     u = torch.rand(n, generator=generator) * 2 - 1
     noise = torch.randn(n, 2, generator=generator)
-    x = (manifold(u) + noise_level(u)[:, None] * noise).to(device)
+    if data == "circle":  # radial noise: x = (1 + s(u) n_1) c(u)
+        x = manifold(u, data) * (1 + noise_level(u, data)[:, None] * noise[:, :1])
+    else:  # isotropic noise: x = c(u) + s(u) n
+        x = manifold(u, data) + noise_level(u, data)[:, None] * noise
     return (x, u) if return_u else x
 
 
 @torch.no_grad()
-def data_log_density(x, grid=20000, chunk=500):
-    """log p_data(x) = log int_{-1}^{1} 1/2 N(x; c(u), s(u)^2 I) du by the midpoint rule; x (N, 2) -> (N,), nats."""
+def data_log_density(x, data="sine", grid=20000, chunk=500):
+    """log p_data(x) in nats, x (N, 2) -> (N,). Circle: closed form; sine, spiral: quadrature over u (midpoint rule)."""
+    x = x.double().cpu()
+    if data == "circle":
+        # x = r (cos theta, sin theta), theta ~ U(-pi, pi), r ~ N(1, s^2): p(x) = p(theta) p(r | theta) / r
+        r, u = x.norm(dim=1), torch.atan2(x[:, 1], x[:, 0]) / math.pi
+        s = noise_level(u, data).double()
+        return (-math.log(2 * math.pi) - torch.log(r) - 0.5 * ((r - 1) / s) ** 2 - torch.log(s)
+                - 0.5 * math.log(2 * math.pi)).float()
+    # log p(x) = log int_{-1}^{1} 1/2 N(x; c(u), s(u)^2 I) du
     u = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid * 2 - 1
-    centre, sigma = manifold(u), noise_level(u)
+    centre, sigma = manifold(u, data), noise_level(u, data)
     out = []
-    for x_chunk in x.double().cpu().split(chunk):
+    for x_chunk in x.split(chunk):
         sq = ((x_chunk[:, None, :] - centre[None]) ** 2).sum(-1)  # (chunk, grid)
         log_normal = -0.5 * sq / sigma**2 - 2 * torch.log(sigma) - math.log(2 * math.pi)
         out.append(torch.logsumexp(log_normal, dim=1) + math.log(2 / grid) - math.log(2))
     return torch.cat(out).float()
 
 
-# --- ensembles: every seed of every setting that shares a decoder shape, trained as one batched model ---
+def draw_batches(generators, steps, args, device):
+    """The next `steps` batches and reparametrisation noises of every seed: (steps, S, B, 2), (steps, S, B, L).
+
+    Drawn on the CPU in the order of one step at a time (seed s: its batch, then its noise), so the numbers depend
+    neither on the chunk length nor on the device; moved in one copy per chunk, so the loop never waits on the host.
+    """
+    x = torch.empty(steps, len(generators), args.batch_size, 2)
+    eps = torch.empty(steps, len(generators), args.batch_size, args.latent_dim)
+    for t in range(steps):
+        for s, generator in enumerate(generators):
+            x[t, s] = sample_data(args.batch_size, generator, args.data)
+            eps[t, s] = torch.randn(args.batch_size, args.latent_dim, generator=generator)
+    if device.type == "cuda":
+        x, eps = x.pin_memory(), eps.pin_memory()
+    return x.to(device, non_blocking=True), eps.to(device, non_blocking=True)
+
+
+# --- ensembles: every seed of every setting of a phase, trained as one batched model ---
+
+CHUNK_STEPS = 250  # batches drawn per copy to the device; also how often the host reads the NaN record
+FOLD_PROBE_EVERY = 5  # steps between two looks at what the LV rows' latent encodes, until --lv-warmup + 500
+# --lv-handover settled: every SETTLE_WINDOW steps, a warm-start member hands over once the running averages (time
+# constant SETTLE_AVERAGE steps) of its training reconstruction NLL and KL have both moved by less than SETTLE_TOLERANCE
+# nats per point over the window (first look at step 2 x SETTLE_WINDOW + 1). Chosen once, before any run: a window of a
+# few hundred steps, a tolerance far below the differences between rows in Table 1 and above the averages' noise.
+SETTLE_WINDOW, SETTLE_AVERAGE, SETTLE_TOLERANCE = 250, 100, 0.02
+
+
+class WarmStartSigma(nn.Module):
+    """LV-VAE with a warm start (ours, not the paper's): an LS-VAE until the hand-over, then LV-VAE's sigma(z).
+
+    The decoder outputs (mean, raw log sigma) per dimension, as for LV-VAE (Eq. 11), but until a member hands over
+    its log sigma is one learned scalar (Eq. 10, from sigma = 1) and the raw log sigma head is ignored: its gradient is
+    exactly zero, so Adam leaves its weights and moments untouched. `hand_over` sets the head's weights to 0 and its
+    bias to the scalar's raw log sigma, so that soft_floor(head) = the scalar's log sigma for every z: the model and
+    its ELBO are the same just before and after. What changes is where the sigma terms' gradient goes: through the head
+    into the decoder and, through z, into the encoder. Why (the fold of LV-VAE from scratch): README.
+
+    Adam's step count is one per weight tensor, shared with the rest of the layer, so the head's fresh moments get
+    almost no bias correction after the hand-over: under a steady gradient its updates reach ~5 lr some ten steps
+    after it and fall back to ~lr over the next ~1,000 steps (a head trained from scratch moves by ~lr throughout).
+    """
+
+    decoder_outputs_per_dim = 2
+
+    def __init__(self, members, floor=MIN_LOG_SIGMA):
+        super().__init__()
+        self.floor = floor
+        self.scalar = LearnedScalarSigma((members, 1, 1), floor=floor)  # the LS-VAE phase
+        self.register_buffer("handed_over", torch.zeros(members, 1, 1, dtype=torch.bool))
+        self.register_buffer("handover_step", torch.full((members,), -1, dtype=torch.long))
+        # --lv-handover settled: running averages of (reconstruction NLL, KL), now and one window ago
+        self.register_buffer("loss_average", torch.zeros(members, 2))
+        self.register_buffer("loss_average_before", torch.full((members, 2), math.inf))
+
+    def forward(self, decoder_out, x=None):
+        mean, raw_log_sigma = decoder_out.chunk(2, dim=-1)
+        per_dim = soft_floor(raw_log_sigma, self.floor)  # Eq. 11, after the hand-over
+        return mean, torch.where(self.handed_over, per_dim, self.scalar.log_sigma)  # Eq. 10 before it
+
+    @torch.no_grad()
+    def hand_over(self, head_weight, head_bias, step, now=None):
+        """Members where `now` (members, 1, 1) is true (all when None) switch to the per-dimension head, once.
+
+        head_weight (members, hidden, D) and head_bias (members, 1, D): views of the log sigma half of the decoder's
+        output layer, set in place to 0 and to the scalar's raw log sigma.
+        """
+        now = (torch.ones_like(self.handed_over) if now is None else now) & ~self.handed_over
+        head_weight.copy_(torch.where(now, torch.zeros_like(head_weight), head_weight))
+        head_bias.copy_(torch.where(now, self.scalar.raw_log_sigma.expand_as(head_bias), head_bias))
+        self.handed_over |= now
+        self.handover_step.copy_(torch.where(now.reshape(-1), step, self.handover_step))
+
+    @torch.no_grad()
+    def track(self, recon_nll, kl, step):
+        """Running averages of each member's training reconstruction NLL and KL (members,), nats per point."""
+        value = torch.stack([recon_nll, kl], dim=-1)
+        decay = 0.0 if step == 1 else 1 - 1 / SETTLE_AVERAGE
+        self.loss_average.mul_(decay).add_((1 - decay) * value)
+
+    @torch.no_grad()
+    def settled(self):
+        """(members, 1, 1): both running averages moved by less than SETTLE_TOLERANCE since the last call."""
+        moved = (self.loss_average - self.loss_average_before).abs().amax(dim=-1)
+        self.loss_average_before.copy_(self.loss_average)
+        return (moved < SETTLE_TOLERANCE)[:, None, None]
 
 
 class StackedObservation(nn.Module):
-    """Observation models of consecutive member groups, applied to their slices of the (M, B, D) ensemble output."""
+    """Observation models of consecutive member groups, applied to their slices of the ensemble's decoder output.
+
+    The decoder has as many outputs per data dimension as the widest model needs (2 with an LV row: mean and raw log
+    sigma); a model that needs fewer reads the first ones, and the others get exactly zero gradient.
+    """
 
     def __init__(self, groups):
         super().__init__()
@@ -166,7 +295,7 @@ class StackedObservation(nn.Module):
         sizes = [decoder_out.shape[0] // len(self.models)] * len(self.models)
         means, log_sigmas = [], []
         for obs, out_part, x_part in zip(self.models, decoder_out.split(sizes), x.split(sizes)):
-            mean, log_sigma = obs(out_part, x_part)
+            mean, log_sigma = obs(out_part[..., : x.shape[-1] * obs.decoder_outputs_per_dim], x_part)
             means.append(mean)
             log_sigmas.append(log_sigma.expand_as(mean))
         return torch.cat(means), torch.cat(log_sigmas)
@@ -178,9 +307,11 @@ class Ensemble:
     def __init__(self, groups, seeds, args, device):
         self.names, self.seeds = [name for name, _ in groups], seeds
         self.obs = StackedObservation(groups).to(device)
-        out_dim = 2 * groups[0][1].decoder_outputs_per_dim
+        out_dim = 2 * max(obs.decoder_outputs_per_dim for _, obs in groups)
         self.model = MLPVAE(seeds * len(groups), 2, args.latent_dim, out_dim, args.hidden, args.blocks).to(device)
         self.optimizer = torch.optim.Adam(list(self.model.parameters()) + list(self.obs.parameters()), lr=args.lr, fused=True)
+        # NaN guard without a host sync: each step's loss per member stays on the device until check_finite reads it
+        self.chunk_losses = torch.zeros(CHUNK_STEPS, len(self.names) * len(seeds), device=device)
 
     def group(self, name):
         return self.obs.models[self.names.index(name)]
@@ -189,62 +320,147 @@ class Ensemble:
         """(M, ...) -> {setting name: (seeds, ...)}."""
         return dict(zip(self.names, values.reshape(len(self.names), len(self.seeds), *values.shape[1:])))
 
+    def hand_over(self, name, step, now=None):
+        """The warm start `name` hands over to its per-dimension sigma head (WarmStartSigma.hand_over)."""
+        first = self.names.index(name) * len(self.seeds)
+        rows, output = slice(first, first + len(self.seeds)), self.model.decoder.output
+        dim = output.weight.shape[-1] // 2  # the decoder's outputs: D means, then D raw log sigmas
+        self.group(name).hand_over(output.weight[rows, :, dim:], output.bias[rows, :, dim:], step, now)
+
+    def before_step(self, step, args):
+        for name, obs in zip(self.names, self.obs.models):
+            if isinstance(obs, ScheduledSigma):
+                obs.set_step(step - 1)
+            if isinstance(obs, WarmStartSigma) and args.lv_handover == "fixed" and step == args.lv_warmup + 1:
+                self.hand_over(name, step)
+            if isinstance(obs, WarmStartSigma) and args.lv_handover == "settled" and step > SETTLE_WINDOW and step % SETTLE_WINDOW == 1:
+                self.hand_over(name, step, obs.settled())
+
+    def after_step(self, recon_nll, kl, step, args):
+        """--lv-handover settled: the warm start's members follow their own losses (recon_nll, kl: (M, B))."""
+        for name, obs in zip(self.names, self.obs.models):
+            if isinstance(obs, WarmStartSigma) and args.lv_handover == "settled":
+                recon_per_group, kl_per_group = self.per_group(recon_nll.detach().mean(1)), self.per_group(kl.detach().mean(1))
+                obs.track(recon_per_group[name], kl_per_group[name], step)
+
+    def train_step(self, x_seeds, eps_seeds, step):
+        """One Adam step of every member on its seed's batch (S, B, 2) and noise (S, B, L); returns the ELBO terms."""
+        repeat = len(self.names)
+        recon_nll, kl, elbo, (_, log_sigma) = elbo_terms(
+            self.model, self.obs, x_seeds.repeat(repeat, 1, 1), eps_seeds.repeat(repeat, 1, 1))
+        loss_per_member = -elbo.mean(1)  # (M,) nats per point
+        self.chunk_losses[(step - 1) % CHUNK_STEPS] = loss_per_member.detach()
+        self.optimizer.zero_grad(set_to_none=True)
+        # Members are independent: d(sum of losses)/d(member m's weights) = d(loss_m)/d(member m's weights).
+        loss_per_member.sum().backward()
+        self.optimizer.step()
+        return recon_nll, kl, elbo, log_sigma
+
+    def check_finite(self, first_step, steps, args):
+        """After steps first_step .. first_step + steps - 1: stop with one line naming the step, the row and the seed
+        of the first non-finite loss. The one host sync of the loop."""
+        bad = ~torch.isfinite(self.chunk_losses[:steps])
+        if bad.any():
+            row, member = bad.nonzero()[0].tolist()
+            step = first_step + row
+            name, seed = self.names[member // len(self.seeds)], self.seeds[member % len(self.seeds)]
+            raise SystemExit(f"error: non-finite loss at step {step} in {name} (seed {seed}); "
+                             f"lower --lr (now {args.lr}) or raise the smallest fixed sigma")
+
+
+def ranks(values):
+    """Ranks along the last dimension, as floats: Spearman's correlation is Pearson's correlation of ranks."""
+    return values.argsort(-1).argsort(-1).float()
+
+
+@torch.no_grad()
+def fold_measure(model, probe_x, probe_ranks):
+    """What each member's main latent encodes: |Spearman correlation| of its encoder mean's coordinate of largest
+    variance over the P probe points with each of the K rows of probe_ranks (K, P), e.g. u and x2. -> (M, K)."""
+    members = model.encoder.input.weight.shape[0]
+    mu, _ = model.encode(probe_x.expand(members, -1, -1))  # (M, P, L)
+    main = mu.gather(-1, mu.var(1).argmax(-1)[:, None, None].expand(-1, mu.shape[1], 1)).squeeze(-1)  # (M, P)
+    a = ranks(main) - (len(probe_x) - 1) / 2
+    b = probe_ranks - (len(probe_x) - 1) / 2
+    return (a @ b.T / (a.norm(dim=-1)[:, None] * b.norm(dim=-1)[None])).abs()
+
 
 def train(ensembles, data_seeds, args, device, phase):
-    """Train the ensembles side by side; returns the recorded history {setting: {quantity: (records, seeds)}}.
+    """Train the ensembles side by side; returns the recorded history {setting: {quantity: (records, seeds, ...)}}
+    and LS-VAE's log sigma at every step (steps, seeds), or None.
 
     data_seeds[i]: the seed of the i-th member of every group. Each step, seed s's generator draws the batch and the
     reparametrisation noise of every member with seed s: the same stream a model trained alone with seed s sees.
+    Nothing in the loop waits for the device but the NaN check, once per CHUNK_STEPS steps.
     """
+    device = torch.device(device)
     generators = [torch.Generator().manual_seed(int(seed)) for seed in data_seeds]
-    writers = {name: make_writer(os.path.join(args.logdir, run_name("train_2d", "2d", name.replace(" ", "_"),
-               f"{data_seeds[0]}-{data_seeds[-1]}")), args) for ens in ensembles for name in ens.names}
     history = {name: {key: [] for key in ["step", "recon_nll", "kl", "elbo", "log_sigma"]}
                for ens in ensembles for name in ens.names}
-    ls_log_sigma = []  # LS-VAE's log sigma at every step: the schedule that F-sched replays
+    lv_log_sigma = {name: [] for ens in ensembles for name in ens.names if name.startswith("LV-VAE")}
+    fold = {name: {"step": [], "corr": []} for name in lv_log_sigma}
+    # What the LV rows' main latent encodes, on fixed points: ranks of u and of x2 (Fig. 11)
+    probe_x, probe_u = sample_data(500, torch.Generator().manual_seed(2**31 - 2), args.data, return_u=True)
+    probe_x, probe_ranks = probe_x.to(device), ranks(torch.stack([probe_u, probe_x[:, 1]])).to(device)
+    has_ls = any("LS-VAE" in ens.names for ens in ensembles)
+    ls_log_sigma = torch.zeros(args.steps, len(data_seeds), device=device) if has_ls else None
     progress = tqdm(range(1, args.steps + 1), desc=phase, mininterval=2, unit="step", file=sys.stdout)
     for step in progress:
-        x_seeds, eps_seeds = [], []
-        for generator in generators:
-            x_seeds.append(sample_data(args.batch_size, generator))
-            eps_seeds.append(torch.randn(args.batch_size, args.latent_dim, generator=generator))
-        x_seeds, eps_seeds = torch.stack(x_seeds).to(device), torch.stack(eps_seeds).to(device)  # (S, B, 2), (S, B, L)
+        if (step - 1) % CHUNK_STEPS == 0:
+            for ens in ensembles:
+                ens.check_finite(step - CHUNK_STEPS, CHUNK_STEPS if step > 1 else 0, args)
+            x_chunk, eps_chunk = draw_batches(generators, min(CHUNK_STEPS, args.steps - step + 1), args, device)
+        x_seeds, eps_seeds = x_chunk[(step - 1) % CHUNK_STEPS], eps_chunk[(step - 1) % CHUNK_STEPS]  # (S, B, 2|L)
+        record = step % args.log_every == 0 or step == args.steps
+        probe = step % FOLD_PROBE_EVERY == 0 and step <= args.lv_warmup + 500 or record
         for ens in ensembles:
-            for obs in ens.obs.models:
-                if isinstance(obs, ScheduledSigma):
-                    obs.set_step(step - 1)
-            if "LS-VAE" in ens.names:  # the sigma this step's loss uses
-                ls_log_sigma.append(ens.group("LS-VAE").log_sigma.detach().reshape(-1).cpu())
-            repeat = len(ens.names)
-            recon_nll, kl, elbo, (_, log_sigma) = elbo_terms(
-                ens.model, ens.obs, x_seeds.repeat(repeat, 1, 1), eps_seeds.repeat(repeat, 1, 1))
-            loss_per_member = -elbo.mean(1)  # (M,) nats per point
-            if not torch.isfinite(loss_per_member).all():
-                bad = (~torch.isfinite(loss_per_member)).nonzero()[0].item()
-                name, seed = ens.names[bad // len(ens.seeds)], ens.seeds[bad % len(ens.seeds)]
-                raise SystemExit(f"error: non-finite loss at step {step} in {name} (seed {seed}); "
-                                 f"lower --lr (now {args.lr}) or raise the smallest fixed sigma")
-            ens.optimizer.zero_grad(set_to_none=True)
-            # Members are independent: d(sum of losses)/d(member m's weights) = d(loss_m)/d(member m's weights).
-            loss_per_member.sum().backward()
-            ens.optimizer.step()
-            if step % args.log_every == 0 or step == args.steps:
-                record = dict(recon_nll=recon_nll.mean(1), kl=kl.mean(1), elbo=elbo.mean(1),
+            ens.before_step(step, args)
+            recon_nll, kl, elbo, log_sigma = ens.train_step(x_seeds, eps_seeds, step)
+            ens.after_step(recon_nll, kl, step, args)
+            if "LS-VAE" in ens.names:  # the sigma this step's loss used: the schedule F-sched replays
+                ls_log_sigma[step - 1] = ens.per_group(log_sigma.detach())["LS-VAE"][:, 0, 0]
+            if record:  # kept on the device until the end of training
+                values = dict(recon_nll=recon_nll.mean(1), kl=kl.mean(1), elbo=elbo.mean(1),
                               log_sigma=log_sigma.mean(dim=(1, 2)))
-                for key, value in record.items():
-                    for name, per_seed in ens.per_group(value.detach().cpu()).items():
+                for key, value in values.items():
+                    for name, per_seed in ens.per_group(value.detach()).items():
                         history[name][key].append(per_seed)
-                for name, sigma_part in ens.per_group(log_sigma.detach()).items():
+                for name, per_seed in ens.per_group(log_sigma.detach()).items():
                     history[name]["step"].append(step)
-                    writer = writers[name]
-                    for key in ["elbo", "recon_nll", "kl"]:
-                        writer.add_scalar(f"train/{key}", history[name][key][-1].mean().item(), step)
-                    log_sigma_stats(writer, "train", sigma_part if name == "LV-VAE" else sigma_part[:, 0, 0], step)
-    for writer in writers.values():
-        writer.close()
-    history = {name: {key: torch.stack(v).numpy() if key != "step" else np.array(v) for key, v in h.items()}
+                    if name in lv_log_sigma:
+                        lv_log_sigma[name].append(per_seed)
+            if probe and any(name in fold for name in ens.names):
+                for name, corr in ens.per_group(fold_measure(ens.model, probe_x, probe_ranks)).items():
+                    if name in fold:
+                        fold[name]["step"].append(step)
+                        fold[name]["corr"].append(corr)
+    last_chunk = (args.steps - 1) % CHUNK_STEPS + 1
+    for ens in ensembles:
+        ens.check_finite(args.steps - last_chunk + 1, last_chunk, args)
+    history = {name: {key: np.array(v) if key == "step" else torch.stack(v).cpu().numpy() for key, v in h.items()}
                for name, h in history.items()}
-    return history, (torch.stack(ls_log_sigma) if ls_log_sigma else None)
+    for name, f in fold.items():
+        history[name]["fold_step"], history[name]["fold"] = np.array(f["step"]), torch.stack(f["corr"]).cpu().numpy()
+    for ens in ensembles:
+        for name, obs in zip(ens.names, ens.obs.models):
+            if isinstance(obs, WarmStartSigma):  # -1: never handed over
+                history[name]["handover_step"] = obs.handover_step.cpu().numpy()
+    write_tensorboard(history, {name: torch.stack(v).cpu() for name, v in lv_log_sigma.items()}, data_seeds, args)
+    return history, (ls_log_sigma.cpu() if has_ls else None)
+
+
+def write_tensorboard(history, lv_log_sigma, data_seeds, args):
+    """One TensorBoard run per setting: the recorded ELBO terms, and sigma (per-dimension sigma: statistics)."""
+    for name, h in history.items():
+        setting = re.sub(r"[ ,]+", "_", name)
+        writer = make_writer(os.path.join(args.logdir, run_name("train_2d", args.data, setting,
+                                                                f"{data_seeds[0]}-{data_seeds[-1]}")), args)
+        for i, step in enumerate(h["step"]):
+            for key in ["elbo", "recon_nll", "kl"]:
+                writer.add_scalar(f"train/{key}", h[key][i].mean(), step)
+            log_sigma_stats(writer, "train", lv_log_sigma[name][i] if name in lv_log_sigma
+                            else torch.from_numpy(h["log_sigma"][i]), step)
+        writer.close()
 
 
 @torch.no_grad()
@@ -252,12 +468,16 @@ def evaluate(ens, x_eval, args):
     """Final ELBO (1 sample, all eval points) and IWAE-k (first iwae_points) per member: {setting: dict of (seeds,)}."""
     ens.model.eval(), ens.obs.eval()
     members = len(ens.names) * len(ens.seeds)
-    generator = torch.Generator(device=x_eval.device).manual_seed(1234)
+    # Seeded noise, one stream per seed, shared by every row: a member's numbers depend on its seed and setting only,
+    # not on the device nor on which other rows train beside it.
+    generators = [torch.Generator().manual_seed(2**30 + seed) for seed in ens.seeds]
+    noise = lambda *shape: torch.stack([torch.randn(*shape, generator=g) for g in generators]).repeat(
+        len(ens.names), *[1] * len(shape)).to(x_eval.device)
     elbo = torch.cat([elbo_terms(ens.model, ens.obs, part.expand(members, *part.shape),
-                                 torch.randn(members, len(part), args.latent_dim, generator=generator,
-                                             device=x_eval.device))[2]
-                      for part in x_eval.split(1000)], dim=1)  # seeded noise: a rerun gives the same table
-    iwae = torch.cat([iwae_bound(ens.model, ens.obs, part.expand(members, *part.shape), args.iwae_k, generator)
+                                 noise(len(part), args.latent_dim))[2]
+                      for part in x_eval.split(1000)], dim=1)
+    iwae = torch.cat([iwae_bound(ens.model, ens.obs, part.expand(members, *part.shape), args.iwae_k,
+                                 eps=noise(args.iwae_k, len(part), args.latent_dim))
                       for part in x_eval[: args.iwae_points].split(max(1, 10000 // args.iwae_k))], dim=1)
     # Final sigma: the fixed or learned value; for LV-VAE the geometric mean of sigma over the eval points and dims.
     _, log_sigma = ens.obs(ens.model.decode(ens.model.encode(x_eval[:2000].expand(members, -1, -1))[0]),
@@ -285,20 +505,22 @@ def main(args):
     command = "python " + " ".join(sys.argv)
     seeds = list(range(args.seed, args.seed + args.seeds))
     torch.manual_seed(args.seed)  # the figures' samples; weights, data and training noise have their own generators
-    print(f"train_2d: preset {args.preset}: {args.seeds} seeds x {args.steps} steps, ResNets of {args.blocks} blocks "
-          f"of {args.hidden} units (paper: {PRESETS['paper']}), on {hardware(device)}")
+    print(f"train_2d: preset {args.preset}, data {args.data}: {args.seeds} seeds x {args.steps} steps, ResNets of "
+          f"{args.blocks} blocks of {args.hidden} units (paper: {PRESETS['paper']}), on {hardware(device)}")
     started = time.time()
 
-    # Phase 1: the rows that need nothing from another row. One ensemble per decoder shape.
-    mean_groups = [(f"F-VAE sigma={s:g}", FixedSigma(torch.full((len(seeds), 1, 1), s)))
-                   for s in (args.fixed_sigmas if "F" in args.settings else [])]
+    # Phase 1: the rows that need nothing from another row, as one ensemble (one set of kernels per step).
+    groups = [(f"F-VAE sigma={s:g}", FixedSigma(torch.full((len(seeds), 1, 1), s)))
+              for s in (args.fixed_sigmas if "F" in args.settings else [])]
     if "LS" in args.settings:
-        mean_groups.append(("LS-VAE", LearnedScalarSigma((len(seeds), 1, 1))))
+        groups.append(("LS-VAE", LearnedScalarSigma((len(seeds), 1, 1))))
     if "optimal" in args.settings:
-        mean_groups.append(("sigma-VAE", OptimalSigma((len(seeds), 1, 1))))
-    ensembles = [Ensemble(mean_groups, seeds, args, device)] if mean_groups else []
+        groups.append(("sigma-VAE", OptimalSigma((len(seeds), 1, 1))))
     if "LV" in args.settings:
-        ensembles.append(Ensemble([("LV-VAE", LearnedPerDimSigma(dim=-1))], seeds, args, device))
+        groups.append(("LV-VAE", LearnedPerDimSigma(dim=-1)))
+    if "LVwarm" in args.settings:
+        groups.append(("LV-VAE, warm start", WarmStartSigma(len(seeds))))
+    ensembles = [Ensemble(groups, seeds, args, device)] if groups else []
     history, ls_schedule = train(ensembles, seeds, args, device, "phase 1")
     phase_seconds = [time.time() - started]
 
@@ -318,11 +540,11 @@ def main(args):
     train_seconds = time.time() - started
 
     # --- evaluation: the same fresh points for every model ---
-    x_eval, u_eval = sample_data(args.eval_points, torch.Generator().manual_seed(2**31 - 1), return_u=True)
+    x_eval, u_eval = sample_data(args.eval_points, torch.Generator().manual_seed(2**31 - 1), args.data, return_u=True)
     results = {}
     for ens in ensembles:
         results.update(evaluate(ens, x_eval.to(device), args))
-    data_log_p = data_log_density(x_eval)
+    data_log_p = data_log_density(x_eval, args.data)
     write_table(args, results, history, data_log_p, command, hardware(device), train_seconds, phase_seconds,
                 time.time() - started)
 
@@ -338,7 +560,7 @@ def write_table(args, results, history, data_log_p, command, machine, train_seco
     half_log_2pi_d = math.log(2 * math.pi)  # D/2 log 2pi with D = 2: the constant the paper's ELBO leaves out
     ls_sigma = history["LS-VAE"]["log_sigma"] if "LS-VAE" in history else None
     lines = [
-        "# Table 1: ELBO of each setting on the 2-D data (Sec. 4.2)",
+        f"# Table 1: ELBO of each setting on the 2-D data (Sec. 4.2), data `{args.data}`",
         "",
         f"Command: `{command}`",
         "",
@@ -350,24 +572,35 @@ def write_table(args, results, history, data_log_p, command, machine, train_seco
         "",
         f"ELBO: one-sample ELBO in nats per point, averaged over {args.eval_points} fresh points (the same points for "
         f"every model), every normalising constant included. IWAE-{args.iwae_k}: the importance-weighted bound on the "
-        f"first {args.iwae_points} of them. Mean ± std over seeds. Higher is better.",
+        f"first {args.iwae_points} of them. Mean ± std over seeds, and each seed's ELBO in seed order. Higher is "
+        "better.",
+        "",
+        "LV-VAE, warm start (ours, not the paper's): trained as LS-VAE, then handed over to the per-dimension "
+        "sigma(z) head of LV-VAE (zero weights, bias at LS-VAE's log sigma: the same ELBO before and after), in the "
+        "same ensemble as LV-VAE from scratch, with the same initial weights, batches and noise. Hand-over "
+        + (f"after {args.lv_warmup} steps." if args.lv_handover == "fixed" else
+           f"once the LS phase's losses settled (--lv-handover settled), at steps "
+           f"{' / '.join(str(s) for s in history['LV-VAE, warm start']['handover_step'].tolist())} per seed "
+           "(-1: never)." if "LV-VAE, warm start" in history else ""),
         "",
         "The paper's ELBO leaves out the Gaussian constant D/2 log 2pi (its F-VAE sigma=1 value, -1.14, is above the "
         "-1.84 that the constant alone would cap it at), so the column 'measured, paper's convention' adds "
         f"log 2pi = {half_log_2pi_d:.3f} nats (D = 2) to our measured ELBO. The paper's dataset formula is not "
         "published, so its numbers are not expected to match ours: compare orderings, not values.",
         "",
-        "| setting | final sigma | ELBO (measured) | IWAE-k (measured) | ELBO, measured, paper's convention "
-        "| ELBO in the paper (paper's numbers) |",
-        "|---|---|---|---|---|---|",
+        "| setting | final sigma | ELBO (measured) | ELBO per seed | IWAE-k (measured) "
+        "| ELBO, measured, paper's convention | ELBO in the paper (paper's numbers) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, res in results.items():
         sigma = mean_std(res["log_sigma"].exp(), "{:.4f}")
-        if name == "LV-VAE":
+        if name.startswith("LV-VAE"):
             sigma = f"per dimension; geometric mean {sigma}"
-        lines.append(f"| {name} | {sigma} | {mean_std(res['elbo'])} | {mean_std(res['iwae'])} "
-                     f"| {mean_std(res['elbo'] + half_log_2pi_d)} | {PAPER_TABLE1.get(name, 'not in the paper')} |")
-    lines.append(f"| true log-density of the data (ceiling) | | {data_log_p.mean():.3f} | | "
+        paper = PAPER_TABLE1.get(name, "not in the paper") if args.data == "sine" else "the paper has no such data"
+        per_seed = " / ".join(f"{value:.3f}" for value in res["elbo"].tolist())
+        lines.append(f"| {name} | {sigma} | {mean_std(res['elbo'])} | {per_seed} | {mean_std(res['iwae'])} "
+                     f"| {mean_std(res['elbo'] + half_log_2pi_d)} | {paper} |")
+    lines.append(f"| true log-density of the data (ceiling) | | {data_log_p.mean():.3f} | | | "
                  f"{data_log_p.mean() + half_log_2pi_d:.3f} | |")
     if ls_sigma is not None:
         tail = ls_sigma[-max(2, len(ls_sigma) // 10):]
@@ -398,9 +631,9 @@ def write_figures(args, ensembles, history, x_eval, u_eval, command):
 
     # Fig. 3: the dataset.
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for region, label in enumerate(["moderate noise (0.05)", "small noise (0.01)", "large noise (0.1)"]):
-        ax.scatter(*x_show[colours == region].T, s=3, label=label)
-    ax.set(title="Fig. 3: the 2-D dataset", aspect="equal")
+    for region, (third, level) in enumerate(zip(["u < -1/3", "-1/3 <= u < 1/3", "u >= 1/3"], NOISE_LEVELS[args.data])):
+        ax.scatter(*x_show[colours == region].T, s=3, label=f"{third}: noise {level}")
+    ax.set(title=f"Fig. 3: the 2-D dataset ({args.data})", aspect="equal")
     ax.legend(fontsize=7, markerscale=3)
     save_figure(fig, f"{out}/fig3_dataset.png", command)
 
@@ -422,7 +655,8 @@ def write_figures(args, ensembles, history, x_eval, u_eval, command):
         ens.model.train(), ens.obs.train()
     figures = {
         "fig4_all_settings.png": list(panels),
-        "fig6_learned_sigma.png": [n for n in ["LS-VAE", "F*-VAE", "LV-VAE", "F-sched", "sigma-VAE"] if n in panels],
+        "fig6_learned_sigma.png": [n for n in ["LS-VAE", "F*-VAE", "LV-VAE", "LV-VAE, warm start", "F-sched",
+                                               "sigma-VAE"] if n in panels],
         "fig7_fixed_sigma.png": [n for n in panels if n.startswith("F-VAE sigma=")],
     }
     for filename, names in figures.items():
@@ -480,6 +714,30 @@ def write_figures(args, ensembles, history, x_eval, u_eval, command):
         ax_elbo.legend(fontsize=8)
         fig.tight_layout(rect=(0, 0.03, 1, 1))
         save_figure(fig, f"{out}/fig10_ls_sigma.png", command)
+
+
+    # Fig. 11 (ours): what the main latent of the LV rows encodes along training, every seed.
+    names = [name for name in ["LV-VAE", "LV-VAE, warm start"] if name in history]
+    if names:
+        fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 3.8), squeeze=False, sharey=True)
+        for ax, name in zip(axes[0], names):
+            h = history[name]
+            for seed, colour in zip(range(args.seeds), plt.rcParams["axes.prop_cycle"].by_key()["color"] * args.seeds):
+                ax.plot(h["fold_step"], h["fold"][:, seed, 0], color=colour, lw=1.2, label=f"seed {args.seed + seed}")
+                ax.plot(h["fold_step"], h["fold"][:, seed, 1], color=colour, lw=1.0, ls=":")
+                if name == "LV-VAE, warm start" and h["handover_step"][seed] > 0:
+                    ax.axvline(h["handover_step"][seed], color=colour, lw=1, ls="--")
+            ax.set(xscale="log", xlabel="step", ylim=(0, 1.02), title=name)
+            ax.grid(True, which="major", alpha=0.3)
+        axes[0, 0].plot([], [], color="black", lw=1.2, label="with u")
+        axes[0, 0].plot([], [], color="black", lw=1.0, ls=":", label="with x2")
+        axes[0, 0].set_ylabel("|Spearman corr.| of the main latent")
+        axes[0, -1].set_xlabel("step (dashed: the seed's hand-over)")
+        axes[0, 0].legend(fontsize=7, loc="lower left", ncol=2)
+        fig.suptitle(f"Fig. 11 (ours): what the main latent encodes on {args.data}, per seed; folded: dotted above solid",
+                     fontsize=10)
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        save_figure(fig, f"{out}/fig11_lv_fold.png", command)
 
 
 if __name__ == "__main__":

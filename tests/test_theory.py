@@ -74,3 +74,28 @@ def test_training_check_runs_end_to_end(tmp_path):
 def test_bad_dimension_is_refused():
     result = subprocess.run([sys.executable, "theory.py", "--dims", "1"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "must be >= 2" in result.stderr
+
+
+@pytest.mark.parametrize("D", [2, 3, 10])
+def test_a_learned_sigma_at_the_collapse_sits_on_the_threshold_at_a_saddle_of_order_four(D):
+    R = 1.0
+    # Collapsed (r = 0), p(x) = N(0, sigma^2 I): the best sigma is R / sqrt(D), the critical ratio.
+    grid = np.linspace(0.3, 1.5, 120001)
+    best = grid[np.argmax(theory.log_p_sphere(0.0, grid, R, D))]
+    assert best == pytest.approx(R / math.sqrt(D), abs=2e-5)
+    sigma = R / math.sqrt(D)
+    # The Hessian in (s = r^2, t = log sigma) by central differences, against the docstring's closed form.
+    L = lambda s, t: float(theory.log_p_sphere(math.sqrt(s), math.exp(t), R, D))
+    t0, hs, ht = math.log(sigma), 1e-3, 1e-3
+    d_ss = (L(2 * hs, t0) - 2 * L(hs, t0) + L(0, t0)) / hs**2  # one-sided in s (s >= 0)
+    d_tt = (L(0, t0 + ht) - 2 * L(0, t0) + L(0, t0 - ht)) / ht**2
+    d_st = (L(hs, t0 + ht) - L(hs, t0 - ht) - L(0, t0 + ht) + L(0, t0 - ht)) / (2 * hs * ht)
+    assert d_ss == pytest.approx(-1 / (2 * (D + 2) * sigma**4), rel=0.02)
+    assert d_tt == pytest.approx(-2 * D, rel=1e-3)
+    assert d_st == pytest.approx(-1 / sigma**2, rel=0.02)
+    assert d_ss * d_tt - d_st**2 < 0  # a saddle, not a maximum
+    # Along the ascent path (sigma lowered as r grows) L gains r^4 / (2 D (D+2) sigma^4); at fixed sigma it loses.
+    for r in [0.05, 0.1]:
+        t = t0 - r**2 / (2 * D * sigma**2)
+        assert L(r**2, t) - L(0, t0) == pytest.approx(r**4 / (2 * D * (D + 2) * sigma**4), rel=0.1)
+        assert L(r**2, t0) < L(0, t0)

@@ -663,8 +663,9 @@ def announce(args, model, train_pixels, test_pixels, steps_per_epoch, eval_image
     processes = "" if world_size == 1 else f", {world_size} processes ({dist.get_backend()})"
     print(f"train_images: {args.dataset} ({len(train_pixels)} train, {len(test_pixels)} test images), "
           f"{setting_name(args.sigma, args.sigma_value, args.lv_warmup)}, likelihood {nll_path}, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters, {args.dtype}, compile {args.compile}, {steps_per_epoch} steps of "
-          f"{args.batch_size * world_size} an epoch{processes}, on {hardware(device)}; run {run_dir}")
+          f"{sum(p.numel() for p in model.parameters()):,} parameters, {args.dtype}, compile {args.compile}, "
+          f"{steps_per_epoch} steps of {args.batch_size * world_size} an epoch{processes}, on {hardware(device)}; "
+          f"run {run_dir}")
     twice = ", each bound also dequantized" if args.likelihood == "continuous" else ""
     print(f"train_images: evaluation every {args.eval_every} epoch(s): the ELBO of {eval_images} test images; at the "
           f"end, in fp32: the ELBO of {eval_images} and IWAE-{args.iwae_k} of {iwae_images} images "
@@ -797,9 +798,11 @@ def main(args):
             step, position = step + 1, position + global_batch
             if step == args.lv_warmup:  # the warm start's hand-over (--lv-warmup), once: the ELBO does not change
                 obs.hand_over(model.decoder[-1])
-            where = f"step {step} (epoch {epoch + 1}, {position} of {steps_per_epoch * global_batch} images)"
-            if step % args.log_every == 0 or step == first_step + 1 or batch == steps_per_epoch - 1:
-                sync(epoch, where, position, epoch_data_rng)
+            log_now = step % args.log_every == 0 or step == first_step + 1 or batch == steps_per_epoch - 1
+            if log_now or (world_size == 1 and signals_received):  # one process may stop at any step, ranks at logs
+                sync(epoch, f"step {step} (epoch {epoch + 1}, {position} of {steps_per_epoch * global_batch} images)",
+                     position, epoch_data_rng)
+            if log_now:
                 loss, recon_nll, kl, log_sigma = (meter / (step - logged[0])).tolist()  # means since the last log
                 images_per_second = (step - logged[0]) * global_batch / max(time.time() - logged[1], 1e-9)
                 meter.zero_()
@@ -810,8 +813,6 @@ def main(args):
                         writer.add_scalar(key if "/" in key else f"train/{key}", value, step)  # rank 0's share
                     print(f"epoch {epoch + 1} step {step}: elbo {-loss:.1f} kl {kl:.1f} log sigma {log_sigma:.2f} "
                           f"{images_per_second:,.0f} img/s", flush=True)
-            elif world_size == 1 and signals_received:
-                sync(epoch, where, position, epoch_data_rng)
         position = 0
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:  # evaluation, figures, checkpoint
             fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if world_size > 1 else \
@@ -835,9 +836,7 @@ def main(args):
         sync(epoch + 1, f"epoch {epoch + 1}", 0, data_generator.get_state())
     train_seconds = seconds_before + time.time() - started
 
-    # --- final evaluation, in fp32: Table 2 and figures ---
-    if args.sigma == "optimal":
-        set_optimal_sigma(model, obs, train_pixels, args, device)
+    # --- final evaluation, in fp32: Table 2 and figures; sigma-VAE's sigma was set from this model at its last epoch
     generator = torch.Generator(device).manual_seed(1 + rank)
     final = evaluate(model, obs, test_pixels, args, device, images=eval_images, generator=generator, desc="final ELBO")
     iwae = evaluate(model, obs, test_pixels, args, device, k=args.iwae_k, images=iwae_images, generator=generator,

@@ -240,7 +240,8 @@ class LearnedPerDimSigma(nn.Module):
 class ScheduledSigma(FixedSigma):
     """App. A.2: a fixed sigma (no gradient) that follows a recorded trajectory. schedule: (T, *shape) of log sigma.
 
-    Call `set_step(t)` before each training step; past the end of the schedule the last value is kept.
+    Call `set_step(t)` before each training step; past the end of the schedule the last value is kept. It writes
+    log_sigma in place, so that a CUDA graph that reads it sees each step's value.
     """
 
     def __init__(self, log_sigma_schedule):
@@ -248,8 +249,9 @@ class ScheduledSigma(FixedSigma):
         self.register_buffer("schedule", torch.as_tensor(log_sigma_schedule, dtype=torch.float32))
         self.log_sigma = self.schedule[0].clone()
 
+    @torch.no_grad()
     def set_step(self, step):
-        self.log_sigma = self.schedule[min(step, len(self.schedule) - 1)]
+        self.log_sigma.copy_(self.schedule[min(step, len(self.schedule) - 1)])
 
 
 class OptimalSigma(nn.Module):

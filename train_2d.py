@@ -104,6 +104,9 @@ parser.add_argument("--iwae-points", type=int, default=1000,
                     help="how many of the eval points the IWAE-k bound uses (default 1000)")
 parser.add_argument("--log-every", type=int, default=20, help="steps between recorded/logged losses (default 20)")
 parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto: cuda if present")
+parser.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                    help="on a GPU, replay each ensemble's whole training step (forward, backward, Adam) as one CUDA "
+                         "graph: the tiny networks are bound by kernel launches (default auto: on with CUDA)")
 parser.add_argument("--out", help="folder for table1.md and the figures (default results/2d/<preset>[_<data>])")
 parser.add_argument("--logdir", default="runs", help="TensorBoard folder (default runs)")
 
@@ -134,6 +137,8 @@ def parse_args(argv=None):
         parser.error("--lr must be > 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is visible; use --device cpu or auto")
+    if args.cuda_graphs == "on" and (args.device == "cpu" or not torch.cuda.is_available()):
+        parser.error("--cuda-graphs on needs a CUDA device; use --cuda-graphs auto or off")
     return args
 
 
@@ -211,6 +216,7 @@ def draw_batches(generators, steps, args, device):
 # --- ensembles: every seed of every setting of a phase, trained as one batched model ---
 
 CHUNK_STEPS = 250  # batches drawn per copy to the device; also how often the host reads the NaN record
+GRAPH_WARMUP_STEPS = 3  # --cuda-graphs: eager steps before the step is recorded (the PyTorch docs' recipe)
 FOLD_PROBE_EVERY = 5  # steps between two looks at what the LV rows' latent encodes, until --lv-warmup + 500
 # --lv-handover settled: every SETTLE_WINDOW steps, a warm-start member hands over once the running averages (time
 # constant SETTLE_AVERAGE steps) of its training reconstruction NLL and KL have both moved by less than SETTLE_TOLERANCE
@@ -309,9 +315,12 @@ class Ensemble:
         self.obs = StackedObservation(groups).to(device)
         out_dim = 2 * max(obs.decoder_outputs_per_dim for _, obs in groups)
         self.model = MLPVAE(seeds * len(groups), 2, args.latent_dim, out_dim, args.hidden, args.blocks).to(device)
-        self.optimizer = torch.optim.Adam(list(self.model.parameters()) + list(self.obs.parameters()), lr=args.lr, fused=True)
+        self.graphed = args.cuda_graphs != "off" and torch.device(device).type == "cuda"
+        self.optimizer = torch.optim.Adam(list(self.model.parameters()) + list(self.obs.parameters()), lr=args.lr,
+                                          fused=True, capturable=self.graphed)
         # NaN guard without a host sync: each step's loss per member stays on the device until check_finite reads it
         self.chunk_losses = torch.zeros(CHUNK_STEPS, len(self.names) * len(seeds), device=device)
+        self.graph, self.steps_taken = None, 0
 
     def group(self, name):
         return self.obs.models[self.names.index(name)]
@@ -343,18 +352,49 @@ class Ensemble:
                 recon_per_group, kl_per_group = self.per_group(recon_nll.detach().mean(1)), self.per_group(kl.detach().mean(1))
                 obs.track(recon_per_group[name], kl_per_group[name], step)
 
-    def train_step(self, x_seeds, eps_seeds, step):
-        """One Adam step of every member on its seed's batch (S, B, 2) and noise (S, B, L); returns the ELBO terms."""
+    def step_terms(self, x_seeds, eps_seeds):
+        """One Adam step of every member on its seed's batch (S, B, 2) and noise (S, B, L): the ELBO terms
+        (recon_nll, kl, elbo, log_sigma) and the loss per member, detached. What a CUDA graph records."""
         repeat = len(self.names)
         recon_nll, kl, elbo, (_, log_sigma) = elbo_terms(
             self.model, self.obs, x_seeds.repeat(repeat, 1, 1), eps_seeds.repeat(repeat, 1, 1))
         loss_per_member = -elbo.mean(1)  # (M,) nats per point
-        self.chunk_losses[(step - 1) % CHUNK_STEPS] = loss_per_member.detach()
         self.optimizer.zero_grad(set_to_none=True)
         # Members are independent: d(sum of losses)/d(member m's weights) = d(loss_m)/d(member m's weights).
         loss_per_member.sum().backward()
         self.optimizer.step()
-        return recon_nll, kl, elbo, log_sigma
+        return [t.detach() for t in (recon_nll, kl, elbo, log_sigma, loss_per_member)]
+
+    def train_step(self, x_seeds, eps_seeds, step):
+        """step_terms, eagerly or (--cuda-graphs) as a CUDA graph: GRAPH_WARMUP_STEPS eager steps on a side stream
+        (they create Adam's state and the libraries' handles), then the next step is recorded once and every step
+        from it on replays the record on static copies of the inputs. The graph's outputs are overwritten by the
+        next step: copy what must outlive it. Everything outside (hand-over, schedule, NaN record) acts in place on
+        tensors the graph reads or writes, so eager and graphed steps compute the same."""
+        self.steps_taken += 1
+        if not self.graphed:
+            terms = self.step_terms(x_seeds, eps_seeds)
+        elif self.steps_taken <= GRAPH_WARMUP_STEPS:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                terms = self.step_terms(x_seeds, eps_seeds)
+            torch.cuda.current_stream().wait_stream(side)
+        else:
+            if self.graph is None:
+                self.static_x, self.static_eps = x_seeds.clone(), eps_seeds.clone()
+                self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients in its pool
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):  # records; runs nothing
+                    self.static_terms = self.step_terms(self.static_x, self.static_eps)
+            else:
+                self.static_x.copy_(x_seeds)
+                self.static_eps.copy_(eps_seeds)
+            self.graph.replay()
+            terms = self.static_terms
+        *terms, loss_per_member = terms
+        self.chunk_losses[(step - 1) % CHUNK_STEPS] = loss_per_member
+        return terms
 
     def check_finite(self, first_step, steps, args):
         """After steps first_step .. first_step + steps - 1: stop with one line naming the step, the row and the seed
@@ -425,10 +465,10 @@ def train(ensembles, data_seeds, args, device, phase):
                 for key, value in values.items():
                     for name, per_seed in ens.per_group(value.detach()).items():
                         history[name][key].append(per_seed)
-                for name, per_seed in ens.per_group(log_sigma.detach()).items():
+                for name, per_seed in ens.per_group(log_sigma).items():
                     history[name]["step"].append(step)
                     if name in lv_log_sigma:
-                        lv_log_sigma[name].append(per_seed)
+                        lv_log_sigma[name].append(per_seed.clone())  # a CUDA graph's output is overwritten
             if probe and any(name in fold for name in ens.names):
                 for name, corr in ens.per_group(fold_measure(ens.model, probe_x, probe_ranks)).items():
                     if name in fold:

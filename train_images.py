@@ -20,11 +20,12 @@ under uniform dequantization x~ = (pixel + u - 1/2) / 255); each as a one-sample
 
 One training path. The uint8 images live on the training device and each batch is drawn there by index. Every flag
 runs the same step: --dtype bf16 runs the networks under bf16 autocast (the decoder's output layer, the NLL, the KL
-and every reduction stay fp32), --compile compiles the step (reduce-overhead: CUDA graphs), Adam is the fused
-kernel, and the NaN guard reads nothing back to the host per step. Defaults by device: bf16 and CUDA graphs on one
-GPU, fp32 eager on the CPU; `--dtype fp32 --compile none` is the reference the others are tested against, and the
-final evaluation is always fp32 eager. Each epoch drops its last partial batch (MNIST: 60,000 = 468 x 128 + 96), so
-that every step has one shape and torch.compile compiles once.
+and every reduction stay fp32), --compile compiles the step (reduce-overhead: CUDA graphs; whole-step: the step
+and its Adam update as one CUDA graph), Adam is the fused kernel, and the NaN guard reads nothing back to the host
+per step. Defaults by device: bf16 and CUDA graphs on one GPU, fp32 eager on the CPU; `--dtype fp32 --compile
+none` is the reference the others are tested against, and the final evaluation is always fp32 eager. Each epoch
+drops its last partial batch (MNIST: 60,000 = 468 x 128 + 96), so that every step has one shape and torch.compile
+compiles once.
 A run writes into runs/<run>/: TensorBoard events, ckpt.pt, and table2.md, runs.jsonl and the figures; `--out`
 sends the last three elsewhere (`--out results/images` records a Table 2 row).
 
@@ -116,13 +117,15 @@ parser.add_argument("--likelihood", choices=["continuous", "discretized"], defau
                     help="continuous Gaussian density (default) or Gaussian integrated over each 1/255 pixel bin")
 parser.add_argument("--nll-kernel", choices=["auto", "triton", "torch"], default="auto",
                     help="continuous likelihood: the fused Triton kernel (kernels/gaussian_nll.py) or PyTorch; "
-                    "auto (default): Triton on CUDA when it imports, PyTorch otherwise")
+                    "auto (default): PyTorch inside a compiled step (Inductor fuses it with its neighbours: as fast "
+                    "or faster on an H200, results/bench_train_ablations.md), Triton in an eager step on CUDA")
 parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                     help="the networks' precision in training: bf16 autocast (the output layer, NLL, KL and sums stay "
                     "fp32) or fp32; auto (default): bf16 on CUDA, fp32 on the CPU")
-parser.add_argument("--compile", choices=["auto", "none", "default", "reduce-overhead"], default="auto",
+parser.add_argument("--compile", choices=["auto", "none", "default", "reduce-overhead", "whole-step"], default="auto",
                     help="torch.compile mode of the training step; auto (default): reduce-overhead (CUDA graphs) on "
-                    "one GPU, default under torchrun on GPUs, none on the CPU")
+                    "one GPU, default under torchrun on GPUs, none on the CPU. whole-step (one GPU): compile default, "
+                    "and the whole step (forward, backward, NaN guard, Adam) replayed as one CUDA graph")
 parser.add_argument("--epochs", type=int, default=10, help="passes over the training images (default 10)")
 parser.add_argument("--batch-size", type=int, default=128, help="images per step and process (default 128); under "
                     "torchrun the global batch is this x processes")
@@ -170,8 +173,8 @@ def parse_args(argv=None):
         parser.error("--nll-kernel triton but triton is not installed (Linux: pip install triton); use auto or torch")
     if args.download and args.dataset != "mnist":
         parser.error("--download fetches MNIST only; download CelebA yourself into --data-dir")
-    if args.device == "cpu" and args.compile == "reduce-overhead":
-        parser.error("--compile reduce-overhead records CUDA graphs; on the CPU use --compile default or none")
+    if args.device == "cpu" and args.compile in ("reduce-overhead", "whole-step"):
+        parser.error(f"--compile {args.compile} records CUDA graphs; on the CPU use --compile default or none")
     for key in ["epochs", "batch_size", "eval_images", "iwae_k", "iwae_images", "log_every", "eval_every"]:
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
@@ -270,14 +273,17 @@ def make_model(args):
     return model, obs
 
 
-def likelihood(args, device=None):
-    """The per-image NLL: discretized, or continuous through the fused Triton kernel (CUDA) or PyTorch."""
+def likelihood(args, device=None, compiled=False):
+    """The per-image NLL: discretized, or continuous through the fused Triton kernel (CUDA) or PyTorch. compiled:
+    for a step that torch.compile compiles, where --nll-kernel auto leaves the NLL to Inductor."""
     if args.likelihood == "discretized":
         return discretized_gaussian_nll
-    if args.nll_kernel == "torch" or device is None or device.type != "cuda" or not TRITON_AVAILABLE:
+    torch_nll = args.nll_kernel == "torch" or args.nll_kernel == "auto" and compiled
+    if torch_nll or device is None or device.type != "cuda" or not TRITON_AVAILABLE:
         return gaussian_nll
     # kernels/gaussian_nll.py sums every non-batch dimension: event_dims is all of them for images
-    return lambda x, mean, log_sigma, event_dims: fused_gaussian_nll(x, mean, log_sigma.to(mean.dtype), backend="triton")
+    return lambda x, mean, log_sigma, event_dims: fused_gaussian_nll(x, mean, log_sigma.to(mean.dtype),
+                                                                     backend="triton")
 
 
 def resolve_defaults(args, device, world_size):
@@ -286,8 +292,11 @@ def resolve_defaults(args, device, world_size):
         args.dtype = "bf16" if device.type == "cuda" else "fp32"
     if args.compile == "auto":
         args.compile = "none" if device.type != "cuda" else "reduce-overhead" if world_size == 1 else "default"
-    if device.type != "cuda" and args.compile == "reduce-overhead":
-        raise SystemExit("error: --compile reduce-overhead records CUDA graphs, and this run is on the CPU; "
+    if args.compile == "whole-step" and world_size > 1:
+        raise SystemExit("error: --compile whole-step records one process's step; under torchrun use --compile "
+                         "default or reduce-overhead")
+    if device.type != "cuda" and args.compile in ("reduce-overhead", "whole-step"):
+        raise SystemExit(f"error: --compile {args.compile} records CUDA graphs, and this run is on the CPU; "
                          "use --compile default or none")
 
 
@@ -318,21 +327,24 @@ def build(args, device, world_size=1):
         memory_format = torch.channels_last
         model = model.to(memory_format=memory_format)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = True, False
-    optimizer = torch.optim.Adam([*model.parameters(), *obs.parameters()], lr=args.lr, fused=True)
-    step_module = ELBO(model, obs, likelihood(args, device), args.dtype == "bf16", memory_format)
+    optimizer = torch.optim.Adam([*model.parameters(), *obs.parameters()], lr=args.lr, fused=True,
+                                 capturable=args.compile == "whole-step")  # step counts on the GPU, read there
+    step_module = ELBO(model, obs, likelihood(args, device, args.compile != "none"), args.dtype == "bf16",
+                       memory_format)
     if world_size > 1:  # averages the gradients over the ranks in backward(), i.e. over the global batch
         step_module = DistributedDataParallel(step_module, device_ids=[device] if device.type == "cuda" else None)
     if args.compile != "none":
-        step_module = torch.compile(step_module, mode=args.compile)
+        step_module = torch.compile(step_module, mode="default" if args.compile == "whole-step" else args.compile)
     return model, obs, step_module, optimizer
 
 
 def load_optimizer(optimizer, saved):
     """Adam's state from a checkpoint, placed for this run's fused Adam: step counts on the parameters' device,
     moments in the parameters' layout (channels_last on CUDA), whatever device or layout wrote them."""
+    capturable = optimizer.defaults["capturable"]
     optimizer.load_state_dict(saved)
-    for group in optimizer.param_groups:
-        group["fused"], group["foreach"] = True, None  # a checkpoint of another Adam implementation continues here
+    for group in optimizer.param_groups:  # a checkpoint of another Adam implementation or mode continues here
+        group["fused"], group["foreach"], group["capturable"] = True, None, capturable
         for parameter in group["params"]:
             moments = optimizer.state.get(parameter, {})
             for key, value in moments.items():
@@ -379,6 +391,47 @@ def train_step(step_module, optimizer, guard, pixels, eps, cuda_graphs):
     guard.update(loss)
     optimizer.step()
     return torch.stack([loss, recon_nll.mean(), kl.mean(), log_sigma.float().mean()]).detach()
+
+
+class WholeStepGraph:
+    """--compile whole-step: train_step recorded once as one CUDA graph, then replayed, so that the host launches one
+    graph a step instead of the step's hundreds of kernels and Python's work around each (what bounds the small MNIST
+    model). The forward and backward are torch.compile's (default mode), the NaN guard and fused Adam (capturable)
+    are inside the graph. The PyTorch docs' recipe for whole-network capture: WARMUP eager steps on a side stream
+    first (compilation, cuDNN's algorithm search, Adam's state), real steps of training; then the next step is
+    recorded (which runs nothing) and replayed, on static copies of the pixels and noise. The terms it returns are
+    overwritten by the next step. Called like train_step."""
+
+    WARMUP = 3
+
+    def __init__(self):
+        self.graph, self.steps = None, 0
+
+    def __call__(self, step_module, optimizer, guard, pixels, eps, cuda_graphs=False):
+        self.steps += 1
+        if self.steps <= self.WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                terms = train_step(step_module, optimizer, guard, pixels, eps, False)
+            torch.cuda.current_stream().wait_stream(side)
+            return terms
+        if self.graph is None:
+            self.pixels, self.eps = pixels.clone(), eps.clone()
+            optimizer.zero_grad(set_to_none=True)  # the recorded backward allocates the gradients in the graph's pool
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.terms = train_step(step_module, optimizer, guard, self.pixels, self.eps, False)
+        else:
+            self.pixels.copy_(pixels)
+            self.eps.copy_(eps)
+        self.graph.replay()
+        return self.terms
+
+
+def step_function(args):
+    """What runs one training step for these (resolved) args: train_step, or a WholeStepGraph."""
+    return WholeStepGraph() if args.compile == "whole-step" else train_step
 
 
 def likely_fix(args):
@@ -658,8 +711,9 @@ def restore(state, args, model, obs, optimizer, data_generator, device):
 def announce(args, model, train_pixels, test_pixels, steps_per_epoch, eval_images, iwae_images, world_size, device,
              run_dir):
     """The start-up lines: what trains on what, how, and what the evaluation will cost."""
+    kernel = lambda compiled: "PyTorch" if likelihood(args, device, compiled) is gaussian_nll else "fused Triton kernel"
     nll_path = "discretized" if args.likelihood == "discretized" else \
-        "continuous, fused Triton kernel" if likelihood(args, device) is not gaussian_nll else "continuous, PyTorch"
+        f"continuous, {kernel(args.compile != 'none')} in training, {kernel(False)} in evaluation"
     processes = "" if world_size == 1 else f", {world_size} processes ({dist.get_backend()})"
     print(f"train_images: {args.dataset} ({len(train_pixels)} train, {len(test_pixels)} test images), "
           f"{setting_name(args.sigma, args.sigma_value, args.lv_warmup)}, likelihood {nll_path}, "
@@ -737,7 +791,7 @@ def main(args):
         run_dir = os.path.dirname(os.path.abspath(args.resume))
     checkpoint_path, last_checkpoint = os.path.join(run_dir, "ckpt.pt"), state and f"{args.resume} (step {step})"
     guard = NanGuard(optimizer, step, device)
-    step_fn = with_test_hooks(train_step, step, list(model.parameters()))
+    step_fn = with_test_hooks(step_function(args), step, list(model.parameters()))
     signals_received = []  # a signal only sets this; the loop finishes its step, saves and exits
     for name in (signal.SIGINT, signal.SIGTERM):
         signal.signal(name, lambda number, frame: signals_received.append(number))

@@ -30,8 +30,10 @@ EPOCHS = {"mnist": 1000, "celeba": 200}  # the paper's
 CONFIGS = {"fp32": ["--dtype", "fp32", "--compile", "none"], "default": []}
 ABLATIONS = {"default, compile default (no CUDA graphs)": ["--compile", "default"],
              "default, no torch.compile": ["--compile", "none"],
-             "default, PyTorch NLL instead of the Triton kernel": ["--nll-kernel", "torch"],
-             "default, batch 512": ["--batch-size", "512"]}
+             "default, the Triton NLL kernel inside the compiled step": ["--nll-kernel", "triton"],
+             "whole step (and Adam) as one CUDA graph": ["--compile", "whole-step"],
+             "default, batch 512": ["--batch-size", "512"],
+             "whole step as one CUDA graph, batch 512": ["--compile", "whole-step", "--batch-size", "512"]}
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--datasets", nargs="+", choices=list(TRAIN_IMAGES), default=list(TRAIN_IMAGES),
@@ -43,7 +45,8 @@ parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(
 parser.add_argument("--ablations", action="store_true",
                     help="also time variants of the default for --sigma learned: " + "; ".join(ABLATIONS))
 parser.add_argument("--profile", action="store_true", help="also profile 20 default steps for each dataset "
-                    "(LV-VAE) and write the operations that take the most time to results/profile_train.md")
+                    "(LV-VAE; on CUDA MNIST also with --compile whole-step) and write the operations that take the "
+                    "most time to profile_train.md beside --out")
 parser.add_argument("--batch-size", type=int, default=128, help="images per step (default 128, the script's)")
 parser.add_argument("--steps", type=int, default=100, help="timed steps per row (default 100)")
 parser.add_argument("--row-seconds", type=float, default=60.0,
@@ -73,10 +76,11 @@ def training_step(dataset, sigma, flags, args, device):
     pixels = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
     order = torch.randperm(len(pixels), device=device)[: 8 * run_args.batch_size].view(8, run_args.batch_size)
 
+    step_fn = train_images.step_function(run_args)
+
     def step(i):
         eps = torch.randn(run_args.batch_size, model.latent_dim, device=device)
-        train_images.train_step(step_module, optimizer, guard, pixels[order[i % 8]], eps,
-                                run_args.compile == "reduce-overhead")
+        step_fn(step_module, optimizer, guard, pixels[order[i % 8]], eps, run_args.compile == "reduce-overhead")
 
     return step, guard, f"{run_args.dtype}, compile {run_args.compile}", run_args.batch_size
 
@@ -180,6 +184,8 @@ def main(args):
                  f"{args.batch_size}, after {args.warmup} warm-up steps.", ""]
         for dataset in args.datasets:
             lines += profile_training(dataset, "learned", [], args, device)
+        if "mnist" in args.datasets and device.type == "cuda":  # the host-bound one: what one graph a step leaves
+            lines += profile_training("mnist", "learned", ["--compile", "whole-step"], args, device)
         with open(path, "w") as f:
             f.write("\n".join(lines))
         print(f"wrote {path}")

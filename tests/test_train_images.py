@@ -17,7 +17,9 @@ import torch
 from PIL import Image
 
 import train_images
-from common import bits_per_dim, dequantized_bits_per_dim, discretized_gaussian_nll, elbo_terms, load_checkpoint
+from common import (bits_per_dim, dequantized_bits_per_dim, discretized_gaussian_nll, elbo_terms, gaussian_nll,
+                    load_checkpoint)
+from kernels.gaussian_nll import TRITON_AVAILABLE
 
 ROOT = train_images.__file__.rsplit("/", 1)[0]
 
@@ -144,6 +146,7 @@ def test_end_to_end_writes_table_and_figures(tmp_path):
     (["--resume", "x.pt", "--sigma", "fixed"], "drop --sigma"),
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--device", "cpu", "--compile", "reduce-overhead"], "records CUDA graphs"),
+    (["--device", "cpu", "--compile", "whole-step"], "records CUDA graphs"),
     (["--eval-images", "0"], "--eval-images must be >= 1"),
     (["--eval-every", "0"], "--eval-every must be >= 1"),
 ])
@@ -374,10 +377,32 @@ def test_resume_places_adam_state_for_this_run(tmp_path):
     conv = conv.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(conv.parameters(), fused=True)
     train_images.load_optimizer(optimizer, saved.state_dict())
-    assert all(group["fused"] for group in optimizer.param_groups)
+    assert all(group["fused"] and not group["capturable"] for group in optimizer.param_groups)
     moments = optimizer.state[conv.weight]
     assert moments["exp_avg"].is_contiguous(memory_format=torch.channels_last) and moments["step"].item() == 1
     assert torch.equal(moments["exp_avg"], saved.state[saved.param_groups[0]["params"][0]]["exp_avg"])
+    # --compile whole-step's Adam is capturable (its step counts read inside the CUDA graph); a checkpoint of a
+    # non-capturable Adam must not switch that off, nor a capturable one switch it on for the others.
+    capturable = torch.optim.Adam(conv.parameters(), fused=True, capturable=True)
+    train_images.load_optimizer(capturable, saved.state_dict())
+    assert all(group["capturable"] for group in capturable.param_groups)
+    train_images.load_optimizer(optimizer, capturable.state_dict())
+    assert not any(group["capturable"] for group in optimizer.param_groups)
+
+
+def test_nll_kernel_auto_leaves_a_compiled_step_to_inductor_and_fuses_an_eager_one():
+    # On CUDA (decided from results/bench_train_ablations.md): PyTorch's NLL inside a compiled step, which Inductor
+    # fuses with its neighbours, the Triton kernel in an eager step and in evaluation; on the CPU PyTorch always.
+    args = train_images.parse_args(["--device", "cpu"])
+    cuda = torch.device("cuda")  # only its type is read: no GPU needed
+    assert train_images.likelihood(args, cuda, compiled=True) is gaussian_nll
+    assert train_images.likelihood(args, torch.device("cpu"), compiled=False) is gaussian_nll
+    if TRITON_AVAILABLE:
+        assert train_images.likelihood(args, cuda, compiled=False) is not gaussian_nll
+        args.nll_kernel = "triton"
+        assert train_images.likelihood(args, cuda, compiled=True) is not gaussian_nll
+    args.nll_kernel, args.likelihood = "torch", "continuous"
+    assert train_images.likelihood(args, cuda, compiled=False) is gaussian_nll
 
 
 def test_nan_guard_skips_the_bad_update_and_every_later_one():

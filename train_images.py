@@ -117,8 +117,9 @@ parser.add_argument("--likelihood", choices=["continuous", "discretized"], defau
                     help="continuous Gaussian density (default) or Gaussian integrated over each 1/255 pixel bin")
 parser.add_argument("--nll-kernel", choices=["auto", "triton", "torch"], default="auto",
                     help="continuous likelihood: the fused Triton kernel (kernels/gaussian_nll.py) or PyTorch; "
-                    "auto (default): PyTorch inside a compiled step (Inductor fuses it with its neighbours: as fast "
-                    "or faster on an H200, results/bench_train_ablations.md), Triton in an eager step on CUDA")
+                    "auto (default): PyTorch inside a compiled step (Inductor fuses it with its neighbours: faster on "
+                    "MNIST, tied on CelebA on an H200, results/bench_train_ablations.md), Triton in an eager step on "
+                    "CUDA")
 parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                     help="the networks' precision in training: bf16 autocast (the output layer, NLL, KL and sums stay "
                     "fp32) or fp32; auto (default): bf16 on CUDA, fp32 on the CPU")

@@ -26,14 +26,15 @@ from common import hardware, pick_device  # noqa: E402
 TRAIN_IMAGES = {"mnist": 60000, "celeba": 162770}  # one epoch
 TARGETS = {"mnist": 100000, "celeba": 30000}  # images/s on one H200 (MNIST 1,000 epochs in 10 min, CelebA 200 in 18)
 EPOCHS = {"mnist": 1000, "celeba": 200}  # the paper's
-# Variants of the default for --ablations: what each choice is worth, to choose the defaults by measurement.
+# Variants of the default for --ablations: what each choice is worth, to choose the defaults by measurement. In
+# priority order, each for every dataset before the next: a time box may stop the run (the table keeps what ran).
 CONFIGS = {"fp32": ["--dtype", "fp32", "--compile", "none"], "default": []}
-ABLATIONS = {"default, compile default (no CUDA graphs)": ["--compile", "default"],
-             "default, no torch.compile": ["--compile", "none"],
-             "default, the Triton NLL kernel inside the compiled step": ["--nll-kernel", "triton"],
-             "whole step (and Adam) as one CUDA graph": ["--compile", "whole-step"],
+ABLATIONS = {"whole step (and Adam) as one CUDA graph": ["--compile", "whole-step"],
+             "whole step as one CUDA graph, batch 512": ["--compile", "whole-step", "--batch-size", "512"],
              "default, batch 512": ["--batch-size", "512"],
-             "whole step as one CUDA graph, batch 512": ["--compile", "whole-step", "--batch-size", "512"]}
+             "default, the Triton NLL kernel inside the compiled step": ["--nll-kernel", "triton"],
+             "default, compile default (no CUDA graphs)": ["--compile", "default"],
+             "default, no torch.compile": ["--compile", "none"]}
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--datasets", nargs="+", choices=list(TRAIN_IMAGES), default=list(TRAIN_IMAGES),
@@ -129,30 +130,8 @@ def profile_training(dataset, sigma, flags, args, device, steps=20):
             f"{sort_by}", "", "```", table.rstrip(), "```", ""]
 
 
-def main(args):
-    device = pick_device(args.device)
-    rows, fp32_rate = [], {}
-    configs = [(d, s, name, CONFIGS[name]) for d in args.datasets for s in args.sigmas for name in args.configs]
-    if args.ablations:
-        configs += [(d, "learned", name, flags) for d in args.datasets for name, flags in ABLATIONS.items()]
-    for dataset, sigma, name, flags in configs:
-        setting = f"| {dataset} | {train_images.SIGMA_NAMES[sigma]} | {name} (`{' '.join(flags) or 'no flags'}`"
-        try:
-            rate, warmup, memory, mode, steps = time_training(dataset, sigma, flags, args, device)
-        except Exception as error:  # one row's failure is a finding, not the end of the table
-            rows.append(f"{setting}) | failed: {type(error).__name__}: {str(error).splitlines()[0][:150]} "
-                        "| | | | | |")
-            print(rows[-1], flush=True)
-            torch._dynamo.reset()
-            continue
-        if name == "fp32":
-            fp32_rate[dataset, sigma] = rate
-        speedup = f"{rate / fp32_rate[dataset, sigma]:.2f}x" if (dataset, sigma) in fp32_rate else "n/a"
-        minutes = EPOCHS[dataset] * TRAIN_IMAGES[dataset] / rate / 60
-        rows.append(f"{setting}: {mode}) | {rate:,.0f} | {speedup} | {minutes:,.0f} min "
-                    f"| {'n/a' if memory is None else f'{memory:.2f} GiB'} | {warmup:.1f} s | {steps} |")
-        print(rows[-1], flush=True)
-
+def write_table(rows, planned, args, device):
+    """--out with the rows measured so far, of `planned`: rewritten after every row, so a time box keeps them."""
     lines = [
         "# Training throughput of train_images.py: fp32 eager against the defaults",
         "",
@@ -171,23 +150,52 @@ def main(args):
         lines += ["**No CUDA device here: these are CPU figures, and the GPU figures are still to be measured** "
                   "(`python bench/bench_train.py` on a CUDA machine). On a CPU without native bf16, bf16 autocast is "
                   "emulated and slower than fp32, which is why `--dtype auto` is fp32 on the CPU.", ""]
+    if len(rows) < planned:
+        lines += [f"Rows measured so far: {len(rows)} of {planned} (the run was stopped, or is still running).", ""]
     lines += ["| dataset | setting | configuration (train_images.py flags: dtype, compile) | images/s | vs fp32 "
               "| paper-length run | peak memory | compile + warm-up | timed steps |", "|" + "---|" * 9, *rows, ""]
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
+
+
+def main(args):
+    device = pick_device(args.device)
+    rows, fp32_rate = [], {}
+    configs = [(d, s, name, CONFIGS[name]) for d in args.datasets for s in args.sigmas for name in args.configs]
+    if args.ablations:
+        configs += [(d, "learned", name, flags) for name, flags in ABLATIONS.items() for d in args.datasets
+                    if device.type == "cuda" or "whole-step" not in flags]  # CUDA graphs need CUDA
+    for dataset, sigma, name, flags in configs:
+        setting = f"| {dataset} | {train_images.SIGMA_NAMES[sigma]} | {name} (`{' '.join(flags) or 'no flags'}`"
+        try:
+            rate, warmup, memory, mode, steps = time_training(dataset, sigma, flags, args, device)
+        except (Exception, SystemExit) as error:  # one row's failure is a finding, not the end of the table
+            rows.append(f"{setting}) | failed: {type(error).__name__}: {(str(error) or '?').splitlines()[0][:150]} "
+                        "| | | | | |")
+            torch._dynamo.reset()
+        else:
+            if name == "fp32":
+                fp32_rate[dataset, sigma] = rate
+            speedup = f"{rate / fp32_rate[dataset, sigma]:.2f}x" if (dataset, sigma) in fp32_rate else "n/a"
+            minutes = EPOCHS[dataset] * TRAIN_IMAGES[dataset] / rate / 60
+            rows.append(f"{setting}: {mode}) | {rate:,.0f} | {speedup} | {minutes:,.0f} min "
+                        f"| {'n/a' if memory is None else f'{memory:.2f} GiB'} | {warmup:.1f} s | {steps} |")
+        print(rows[-1], flush=True)
+        write_table(rows, len(configs), args, device)
     print(f"wrote {args.out}")
     if args.profile:
         path = os.path.join(os.path.dirname(args.out) or ".", "profile_train.md")
         lines = ["# Where the default training step spends its time (torch.profiler)", "",
                  f"Command: `python {' '.join(sys.argv)}`", "", f"Hardware: {hardware(device)}. Batch "
                  f"{args.batch_size}, after {args.warmup} warm-up steps.", ""]
-        for dataset in args.datasets:
-            lines += profile_training(dataset, "learned", [], args, device)
+        profiles = [(dataset, []) for dataset in args.datasets]
         if "mnist" in args.datasets and device.type == "cuda":  # the host-bound one: what one graph a step leaves
-            lines += profile_training("mnist", "learned", ["--compile", "whole-step"], args, device)
-        with open(path, "w") as f:
-            f.write("\n".join(lines))
+            profiles.append(("mnist", ["--compile", "whole-step"]))
+        for dataset, flags in profiles:
+            lines += profile_training(dataset, "learned", flags, args, device)
+            with open(path, "w") as f:
+                f.write("\n".join(lines))
         print(f"wrote {path}")
 
 

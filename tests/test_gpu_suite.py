@@ -1,0 +1,131 @@
+"""bench/gpu_suite.sh in its CPU plumbing mode (TINY=1): every stage, the packing, and the MNIST run carried from one
+session to the next as checkpoint pieces, whose damage stops the mnist stage with one line."""
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from common import load_checkpoint
+from test_train_images import ROOT, write_tiny_mnist
+
+MIB = 2**20
+
+
+def suite(folder, mnist, *stages, **env):
+    """bench/gpu_suite.sh TINY=1 with its output, scratch and carried checkpoint in `folder`."""
+    env = {**os.environ, "TINY": "1", "PYTHON": sys.executable, "OUT": str(folder / "out"),
+           "SCRATCH": str(folder / "scratch"), "CKPT_DIR": str(folder / "ckpt"), "MNIST_DIR": str(mnist), **env}
+    return subprocess.run(["bash", "bench/gpu_suite.sh", *stages], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def exits(log):
+    return {name: int(rc) for name, rc in re.findall(r"^=== (\S+): exit (\d+) after \d+ s", log, re.M)}
+
+
+def pieces(out):
+    return sorted(out.glob("mnist_lv.ckpt.pt.part-*"))
+
+
+def carry(out, folder, events=()):
+    """The next session's ckpt/mnist_lv/: the pieces and sha256 from `out`, as the README says to copy them."""
+    carried = folder / "ckpt" / "mnist_lv"
+    carried.mkdir(parents=True)
+    for path in [*pieces(out), out / "mnist_lv.ckpt.pt.sha256"]:
+        (carried / path.name).write_bytes(path.read_bytes())
+    for name, data in events:
+        (carried / name).write_bytes(data)
+    return carried
+
+
+def joined_checkpoint(out, path):
+    data = b"".join(piece.read_bytes() for piece in pieces(out))
+    assert hashlib.sha256(data).hexdigest() == (out / "mnist_lv.ckpt.pt.sha256").read_text().split()[0]
+    path.write_bytes(data)
+    return load_checkpoint(path)
+
+
+def members(out):
+    with tarfile.open(out / "suite.tgz") as archive:
+        return {member.name: member for member in archive.getmembers() if member.isfile()}
+
+
+def results_listing():
+    return sorted((path, os.stat(os.path.join(path, name)).st_mtime_ns, name)
+                  for path, _, names in os.walk(os.path.join(ROOT, "results")) for name in names)
+
+
+@pytest.fixture(scope="module")
+def first_session(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("first")
+    mnist = write_tiny_mnist(folder / "mnist")
+    before = results_listing()
+    result = suite(folder, mnist)
+    return folder, mnist, result, before
+
+
+def test_every_stage_runs_packs_and_leaves_results_alone(first_session):
+    folder, _, result, before = first_session
+    out = folder / "out"
+    log = (out / "suite.log").read_text()
+    assert result.returncode == 0, log[-3000:]
+    assert exits(log) == {"env": 0, "nll": 0, "train": 0, "mnist": 124, "2d": 0}, log[-3000:]  # mnist: its box
+    assert "=== tests: skipped" in log and "all that ran succeeded" in log.splitlines()[-1]
+    assert log.index("=== mnist: exit") < log.index("=== 2d (time box")  # the background stage's lines come after
+    packed = members(out)
+    for name in ["results/bench_nll.md", "results/bench_train.md", "results/2d/tiny/table1.md"]:
+        assert name in packed, sorted(packed)
+    assert any(name.startswith("runs/gpu_suite_mnist_lv/events.out.tfevents.") for name in packed)
+    assert sum(member.size for member in packed.values()) < 5 * MIB  # no checkpoint, nothing else big
+    assert results_listing() == before  # a plumbing run writes nothing into results/
+    # What the device tool returns: at most 8 flat files of at most 16 MiB; an MNIST checkpoint is 3 pieces.
+    assert len(pieces(out)) == 3 and len(list(out.iterdir())) <= 8
+    assert all(path.stat().st_size <= 15 * MIB for path in out.iterdir())
+    assert joined_checkpoint(out, folder / "joined.pt")["step"] > 0
+
+
+def test_the_next_session_resumes_the_carried_checkpoint(first_session, tmp_path):
+    folder, mnist, _, _ = first_session
+    with tarfile.open(folder / "out" / "suite.tgz") as archive:
+        events = [(name.rsplit("/", 1)[1], archive.extractfile(name).read()) for name in archive.getnames()
+                  if "tfevents" in name]
+    carry(folder / "out", tmp_path, events)
+    result = suite(tmp_path, mnist, "mnist")
+    out = tmp_path / "out"
+    log = (out / "suite.log").read_text()
+    assert result.returncode == 0, log[-3000:]
+    assert exits(log) == {"mnist": 124} and "--resume" in log
+    first = load_checkpoint(folder / "joined.pt")
+    assert f"step {first['step'] + 1}:" in log  # the resumed run logs its first step, the one after the checkpoint
+    assert joined_checkpoint(out, tmp_path / "joined.pt")["step"] > first["step"]
+    # The carried TensorBoard events go on in the run folder beside the new ones: one curve.
+    assert sum("tfevents" in name for name in members(out)) == 2
+
+
+def test_a_damaged_piece_fails_the_mnist_stage_with_one_line(first_session, tmp_path):
+    folder, mnist, _, _ = first_session
+    carried = carry(folder / "out", tmp_path)
+    piece = bytearray((carried / "mnist_lv.ckpt.pt.part-ab").read_bytes())
+    piece[1000] ^= 1
+    (carried / "mnist_lv.ckpt.pt.part-ab").write_bytes(piece)
+    result = suite(tmp_path, mnist, "mnist")
+    assert result.returncode == 1
+    assert re.search(r"^=== mnist: error: the pieces in .* do not join to the checkpoint their sha256 names",
+                     result.stdout, re.M), result.stdout
+    assert "mnist=sha256" in result.stdout and not pieces(tmp_path / "out")
+
+
+def test_unknown_stage_and_spent_budget(tmp_path):
+    result = suite(tmp_path, tmp_path, "env", "gpu")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "gpu_suite.sh: no stage 'gpu'; stages: env nll train tests 2d mnist"]
+    # 30 s leave 5 s after the 25 s kept for packing: every stage is skipped, which is no failure.
+    result = suite(tmp_path, tmp_path, "env", "nll", BUDGET="30")
+    assert result.returncode == 0, result.stdout
+    assert re.search(r"^=== env: skipped, [45] s of the budget left", result.stdout, re.M), result.stdout
+    assert "=== nll: skipped" in result.stdout and "env=skipped nll=skipped" in result.stdout

@@ -316,8 +316,9 @@ class Ensemble:
         out_dim = 2 * max(obs.decoder_outputs_per_dim for _, obs in groups)
         self.model = MLPVAE(seeds * len(groups), 2, args.latent_dim, out_dim, args.hidden, args.blocks).to(device)
         self.graphed = args.cuda_graphs != "off" and torch.device(device).type == "cuda"
+        # capturable (step counts read on the GPU) on every GPU run, graphed or not: the same Adam arithmetic in both
         self.optimizer = torch.optim.Adam(list(self.model.parameters()) + list(self.obs.parameters()), lr=args.lr,
-                                          fused=True, capturable=self.graphed)
+                                          fused=True, capturable=torch.device(device).type == "cuda")
         # NaN guard without a host sync: each step's loss per member stays on the device until check_finite reads it
         self.chunk_losses = torch.zeros(CHUNK_STEPS, len(self.names) * len(seeds), device=device)
         self.graph, self.steps_taken = None, 0
@@ -342,14 +343,15 @@ class Ensemble:
                 obs.set_step(step - 1)
             if isinstance(obs, WarmStartSigma) and args.lv_handover == "fixed" and step == args.lv_warmup + 1:
                 self.hand_over(name, step)
-            if isinstance(obs, WarmStartSigma) and args.lv_handover == "settled" and step > SETTLE_WINDOW and step % SETTLE_WINDOW == 1:
+            if isinstance(obs, WarmStartSigma) and args.lv_handover == "settled" and step > SETTLE_WINDOW \
+                    and step % SETTLE_WINDOW == 1:
                 self.hand_over(name, step, obs.settled())
 
     def after_step(self, recon_nll, kl, step, args):
         """--lv-handover settled: the warm start's members follow their own losses (recon_nll, kl: (M, B))."""
         for name, obs in zip(self.names, self.obs.models):
             if isinstance(obs, WarmStartSigma) and args.lv_handover == "settled":
-                recon_per_group, kl_per_group = self.per_group(recon_nll.detach().mean(1)), self.per_group(kl.detach().mean(1))
+                recon_per_group, kl_per_group = self.per_group(recon_nll.mean(1)), self.per_group(kl.mean(1))
                 obs.track(recon_per_group[name], kl_per_group[name], step)
 
     def step_terms(self, x_seeds, eps_seeds):
@@ -774,8 +776,8 @@ def write_figures(args, ensembles, history, x_eval, u_eval, command):
         axes[0, 0].set_ylabel("|Spearman corr.| of the main latent")
         axes[0, -1].set_xlabel("step (dashed: the seed's hand-over)")
         axes[0, 0].legend(fontsize=7, loc="lower left", ncol=2)
-        fig.suptitle(f"Fig. 11 (ours): what the main latent encodes on {args.data}, per seed; folded: dotted above solid",
-                     fontsize=10)
+        fig.suptitle(f"Fig. 11 (ours): what the main latent encodes on {args.data}, per seed; folded: dotted above "
+                     "solid", fontsize=10)
         fig.tight_layout(rect=(0, 0.03, 1, 1))
         save_figure(fig, f"{out}/fig11_lv_fold.png", command)
 

@@ -7,30 +7,49 @@
 #
 # In order, alone on the GPU so that their timings are honest: env (nvidia-smi, versions; 20 s), nll
 # (bench/bench_nll.py; 60 s), train (bench/bench_train.py, ablations and profile; 200 s). Then 2d (train_2d.py --preset
-# paper) in the background until the budget ends, beside tests (pytest -m gpu; 120 s) and mnist: LV-VAE toward Table 2's
-# 1,000 epochs, continued from $CKPT_DIR/mnist_lv/ (an earlier session's checkpoint pieces) and stopped by its time box
-# with a checkpoint saved. Writes into $OUT (default gpu_suite_out): suite.log; suite.tgz, to unpack in the repository
-# root (what the stages wrote under results/, the MNIST run's TensorBoard events in runs/gpu_suite_mnist_lv/); and,
-# unless the 1,000 epochs are done, mnist_lv.ckpt.pt.part-aa... (<= 15 MiB each) + mnist_lv.ckpt.pt.sha256: copy them
-# into ckpt/mnist_lv/ and carry ckpt/ to the next session. Exit 0 only if every stage that ran succeeded.
+# paper) in the background until the budget ends, beside tests (pytest -m gpu; 120 s) and mnist: one MNIST row of
+# Table 2 ($MNIST_ROW, default learned: LV-VAE) toward the paper's 1,000 epochs, continued from $CKPT_DIR/mnist_<row>/
+# (an earlier session's checkpoint pieces) and stopped by its time box with a checkpoint saved. The stage celeba (only
+# when named) trains the CelebA rows $CELEBA_ROWS (default: fixed learned, the paper's two) one after the other for
+# $CELEBA_EPOCHS (default 200, the paper's) on $CELEBA_DIR, each in its share of the budget left.
+# Writes into $OUT (default gpu_suite_out): suite.log; suite.tgz, to unpack in the repository root (what the stages
+# wrote under results/, the MNIST run's TensorBoard events in runs/gpu_suite_mnist_<row>/); and, unless the 1,000 epochs
+# are done, mnist_<row>.ckpt.pt.part-aa... (<= 15 MiB each) + mnist_<row>.ckpt.pt.sha256: copy them into
+# ckpt/mnist_<row>/ and carry ckpt/ to the next session. Exit 0 only if every stage that ran succeeded.
 # Environment: PYTHON (default python3, the GPU machine's own: nothing is installed), TINY=1 (toy sizes on the CPU,
 # results under $SCRATCH, never results/), OUT, SCRATCH (default /tmp/gpu_suite_scratch), BUDGET, MNIST_DIR (default
-# data/mnist), CKPT_DIR (default ckpt). Relative paths are relative to the repository root.
+# data/mnist), MNIST_ROW (fixed, learned-scalar, learned, warmstart, optimal, discretized), MNIST_FLAGS (more flags for
+# train_images.py, e.g. --compile whole-step), CKPT_DIR (default ckpt), CELEBA_DIR (default data/celeba), CELEBA_ROWS,
+# CELEBA_EPOCHS. Relative paths are relative to the repository root.
 set -u
 cd "$(dirname "$0")/.." || exit
-STAGES=(env nll train tests 2d mnist)
+STAGES=(env nll train tests 2d mnist)  # the default; celeba runs when named
 for name in "$@"; do
-  [[ " ${STAGES[*]} " == *" $name "* ]] || { echo "gpu_suite.sh: no stage '$name'; stages: ${STAGES[*]}" >&2; exit 2; }
+  [[ " ${STAGES[*]} celeba " == *" $name "* ]] ||
+    { echo "gpu_suite.sh: no stage '$name'; stages: ${STAGES[*]} celeba" >&2; exit 2; }
 done
 WANTED=" ${*:-${STAGES[*]}} "
+# Table 2's rows: train_images.py flags. warmstart: LS-VAE for 9,360 steps (20 epochs of 468), about the ~7,700 steps
+# at lr 3e-4 that a learned scalar log sigma needs to fall from sigma = 1 to ~0.1 (it moves ~lr a step), then LV-VAE;
+# fixed before any run.
+declare -A ROWS=([fixed]="--sigma fixed" [learned-scalar]="--sigma learned-scalar" [learned]="--sigma learned"
+                 [warmstart]="--sigma learned --lv-warmup 9360" [optimal]="--sigma optimal"
+                 [discretized]="--sigma learned --likelihood discretized")
+ROW_NAMES="fixed learned-scalar learned warmstart optimal discretized"
+MNIST_ROW=${MNIST_ROW:-learned} CELEBA_ROWS=${CELEBA_ROWS:-fixed learned}
+for row in $MNIST_ROW $CELEBA_ROWS; do
+  [ -n "${ROWS[$row]:-}" ] || { echo "gpu_suite.sh: no Table 2 row '$row'; rows: $ROW_NAMES" >&2; exit 2; }
+done
+read -ra MNIST_FLAGS <<<"${MNIST_FLAGS:-}"
 want() { [[ $WANTED == *" $1 "* ]]; }
 
 PY=${PYTHON:-python3} TINY=${TINY:-0} BUDGET=${BUDGET:-540}
-MNIST_DIR=${MNIST_DIR:-data/mnist} CKPT_DIR=${CKPT_DIR:-ckpt}
+MNIST_DIR=${MNIST_DIR:-data/mnist} CKPT_DIR=${CKPT_DIR:-ckpt} CELEBA_DIR=${CELEBA_DIR:-data/celeba}
+TAG=mnist_$MNIST_ROW  # the run's name in ckpt/, $OUT and runs/
 RESERVE=25  # seconds of the budget kept for splitting the checkpoint and packing
 OUT=$(realpath -m "${OUT:-gpu_suite_out}") SCRATCH=$(realpath -m "${SCRATCH:-/tmp/gpu_suite_scratch}")
 LOG=$OUT/suite.log BG_LOG=$SCRATCH/2d.log EXITS=$SCRATCH/exits; STAGE_LOG=$LOG
-rm -rf "$SCRATCH/runs" "$SCRATCH/runs2d" "$SCRATCH/results" "$SCRATCH/pack" "$OUT"/mnist_lv.ckpt.pt.*  # ours only
+rm -rf "$SCRATCH/runs" "$SCRATCH/runs2d" "$SCRATCH/runs_celeba" "$SCRATCH/results" "$SCRATCH/pack" "$OUT"/mnist_*.ckpt.pt.*  # ours only
 mkdir -p "$OUT" "$SCRATCH/pack"
 : >"$LOG"; : >"$BG_LOG"; : >"$EXITS"; touch "$SCRATCH/started"  # packed: the files under $RESULTS newer than this
 export PYTHONUNBUFFERED=1
@@ -42,6 +61,7 @@ if [ "$TINY" = 1 ]; then  # CPU plumbing: every stage at toy sizes
   TRAIN=(--sigmas learned --datasets mnist --steps 2 --warmup 1 --batch-size 8)  # --profile: 10 s more on a CPU
   TWO_D=(--steps 20 --seeds 2 --hidden 16 --lv-warmup 10 --eval-points 200 --iwae-points 50 --out "$RESULTS/2d/tiny")
   MNIST_NEW=(--max-train-images 256 --eval-images 64 --iwae-images 8 --iwae-k 2 --batch-size 32)
+  CELEBA=(--max-train-images 32 --batch-size 16 --eval-images 16 --iwae-images 4 --iwae-k 2 --epochs 1)
 else
   RESULTS=results DEVICE=cuda EVAL_EVERY=10
   NLL=(--batch-sizes 1024 4096 --rep-ms 50 --warmup-ms 10)
@@ -50,6 +70,7 @@ else
   TRAIN=(--sigmas learned --datasets mnist celeba --ablations --profile --steps 1000 --row-seconds 2 --warmup 8)
   TWO_D=(--preset paper --out "$RESULTS/2d/paper")
   MNIST_NEW=()
+  CELEBA=(--epochs "${CELEBA_EPOCHS:-200}" --eval-every 50)
 fi
 
 skip() {  # skip NAME WHY
@@ -78,9 +99,9 @@ two_d() {  # in the background: again without CUDA graphs if it fails before its
 }
 
 mnist() {  # continue the carried checkpoint, or start; then split its ckpt.pt into $OUT for the next session
-  local carried=$CKPT_DIR/mnist_lv run=$SCRATCH/runs/mnist_lv box=$((BUDGET - RESERVE - SECONDS - 30)) ckpts pieces
+  local carried=$CKPT_DIR/$TAG run=$SCRATCH/runs/$TAG box=$((BUDGET - RESERVE - SECONDS - 30)) ckpts pieces
   local flags=(--epochs 1000 --eval-every "$EVAL_EVERY" --data-dir "$MNIST_DIR" --out "$RESULTS/images"
-               --device "$DEVICE")
+               --device "$DEVICE" "${MNIST_FLAGS[@]}")
   if compgen -G "$carried/*ckpt.pt.part-*" >/dev/null; then
     mkdir -p "$run"  # train_images.py writes into its checkpoint's folder: a run folder of its own
     cat "$carried"/*ckpt.pt.part-* >"$run/ckpt.pt"
@@ -93,15 +114,16 @@ mnist() {  # continue the carried checkpoint, or start; then split its ckpt.pt i
     fi
     flags+=(--resume "$run/ckpt.pt")  # the checkpoint holds the rest of the run's settings
   else
-    flags+=(--dataset mnist --sigma learned --logdir "$SCRATCH/runs" "${MNIST_NEW[@]}")
+    read -ra row <<<"${ROWS[$MNIST_ROW]}"
+    flags+=(--dataset mnist "${row[@]}" --logdir "$SCRATCH/runs" "${MNIST_NEW[@]}")
   fi
   [ "$TINY" = 1 ] && box=12  # stopped by its box mid-run, as on the GPU
   # The box, 30 s before the budget ends, sends SIGTERM: train_images.py finishes its step, saves an exactly
   # resumable ckpt.pt and exits 143. SIGKILL comes 60 s later, so that a save has time.
   GRACE=60 stage mnist "$box" "$PY" train_images.py "${flags[@]}"
   [ "$RC" = skipped ] && return
-  mkdir -p "$SCRATCH/pack/runs/gpu_suite_mnist_lv"
-  cp "$SCRATCH"/runs/*/events.out.tfevents.* "$SCRATCH/pack/runs/gpu_suite_mnist_lv/" 2>/dev/null
+  mkdir -p "$SCRATCH/pack/runs/gpu_suite_$TAG"
+  cp "$SCRATCH"/runs/*/events.out.tfevents.* "$SCRATCH/pack/runs/gpu_suite_$TAG/" 2>/dev/null
   if [ "$RC" = 0 ]; then
     echo "=== mnist: all 1,000 epochs done, Table 2 row in $RESULTS/images; nothing to carry: empty $carried" \
       | tee -a "$LOG"
@@ -117,11 +139,22 @@ mnist() {  # continue the carried checkpoint, or start; then split its ckpt.pt i
     echo "=== mnist: error: ${ckpts[0]} makes $pieces pieces of 15 MiB, more than 5; nothing to carry" | tee -a "$LOG"
     echo "mnist-pieces 1" >>"$EXITS"; return
   fi
-  split -b 15M "${ckpts[0]}" "$OUT/mnist_lv.ckpt.pt.part-"
-  echo "$(sha256sum <"${ckpts[0]}" | cut -d' ' -f1)  ckpt.pt" >"$OUT/mnist_lv.ckpt.pt.sha256"
-  echo "=== mnist: ${ckpts[0]} in $pieces pieces, $OUT/mnist_lv.ckpt.pt.{part-*,sha256}: copy them into" \
-    "ckpt/mnist_lv/ for the next session" | tee -a "$LOG"
+  split -b 15M "${ckpts[0]}" "$OUT/$TAG.ckpt.pt.part-"
+  echo "$(sha256sum <"${ckpts[0]}" | cut -d' ' -f1)  ckpt.pt" >"$OUT/$TAG.ckpt.pt.sha256"
+  echo "=== mnist: ${ckpts[0]} in $pieces pieces, $OUT/$TAG.ckpt.pt.{part-*,sha256}: copy them into" \
+    "ckpt/$TAG/ for the next session" | tee -a "$LOG"
   echo "mnist-pieces 0" >>"$EXITS"
+}
+
+celeba() {  # the CelebA rows one after the other, each in its share of the budget left; Table 2 rows when they finish
+  local rows i row
+  read -ra rows <<<"$CELEBA_ROWS"
+  for i in "${!rows[@]}"; do
+    read -ra row <<<"${ROWS[${rows[i]}]}"
+    stage "celeba-${rows[i]}" $(((BUDGET - RESERVE - SECONDS) / (${#rows[@]} - i))) "$PY" train_images.py \
+      --dataset celeba "${row[@]}" --data-dir "$CELEBA_DIR" "${CELEBA[@]}" --device "$DEVICE" \
+      --logdir "$SCRATCH/runs_celeba" --out "$RESULTS/images"
+  done
 }
 
 # --- alone on the GPU ---
@@ -143,6 +176,7 @@ if want tests; then
   else stage tests 120 "$PY" -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider; fi
 fi
 want mnist && mnist
+want celeba && celeba
 want 2d && { wait "$background"; cat "$BG_LOG" >>"$LOG"; }
 
 # --- pack: what the stages wrote, with the paths it has in the repository ---

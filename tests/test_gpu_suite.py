@@ -11,6 +11,7 @@ import tarfile
 import pytest
 
 from common import load_checkpoint
+from test_data import tiny_celeba
 from test_train_images import ROOT, write_tiny_mnist
 
 MIB = 2**20
@@ -29,14 +30,14 @@ def exits(log):
 
 
 def pieces(out):
-    return sorted(out.glob("mnist_lv.ckpt.pt.part-*"))
+    return sorted(out.glob("mnist_learned.ckpt.pt.part-*"))
 
 
 def carry(out, folder, events=()):
-    """The next session's ckpt/mnist_lv/: the pieces and sha256 from `out`, as the README says to copy them."""
-    carried = folder / "ckpt" / "mnist_lv"
+    """The next session's ckpt/mnist_learned/: the pieces and sha256 from `out`, as the README says to copy them."""
+    carried = folder / "ckpt" / "mnist_learned"
     carried.mkdir(parents=True)
-    for path in [*pieces(out), out / "mnist_lv.ckpt.pt.sha256"]:
+    for path in [*pieces(out), out / "mnist_learned.ckpt.pt.sha256"]:
         (carried / path.name).write_bytes(path.read_bytes())
     for name, data in events:
         (carried / name).write_bytes(data)
@@ -45,7 +46,7 @@ def carry(out, folder, events=()):
 
 def joined_checkpoint(out, path):
     data = b"".join(piece.read_bytes() for piece in pieces(out))
-    assert hashlib.sha256(data).hexdigest() == (out / "mnist_lv.ckpt.pt.sha256").read_text().split()[0]
+    assert hashlib.sha256(data).hexdigest() == (out / "mnist_learned.ckpt.pt.sha256").read_text().split()[0]
     path.write_bytes(data)
     return load_checkpoint(path)
 
@@ -76,11 +77,12 @@ def test_every_stage_runs_packs_and_leaves_results_alone(first_session):
     assert result.returncode == 0, log[-3000:]
     assert exits(log) == {"env": 0, "nll": 0, "train": 0, "mnist": 124, "2d": 0}, log[-3000:]  # mnist: its box
     assert "=== tests: skipped" in log and "all that ran succeeded" in log.splitlines()[-1]
+    assert "train_images.py --epochs 1000" in log and "--dataset mnist --sigma learned" in log  # MNIST_ROW's default
     assert log.index("=== mnist: exit") < log.index("=== 2d (time box")  # the background stage's lines come after
     packed = members(out)
     for name in ["results/bench_nll.md", "results/bench_train.md", "results/2d/tiny/table1.md"]:
         assert name in packed, sorted(packed)
-    assert any(name.startswith("runs/gpu_suite_mnist_lv/events.out.tfevents.") for name in packed)
+    assert any(name.startswith("runs/gpu_suite_mnist_learned/events.out.tfevents.") for name in packed)
     assert sum(member.size for member in packed.values()) < 5 * MIB  # no checkpoint, nothing else big
     assert results_listing() == before  # a plumbing run writes nothing into results/
     # What the device tool returns: at most 8 flat files of at most 16 MiB; an MNIST checkpoint is 3 pieces.
@@ -110,9 +112,9 @@ def test_the_next_session_resumes_the_carried_checkpoint(first_session, tmp_path
 def test_a_damaged_piece_fails_the_mnist_stage_with_one_line(first_session, tmp_path):
     folder, mnist, _, _ = first_session
     carried = carry(folder / "out", tmp_path)
-    piece = bytearray((carried / "mnist_lv.ckpt.pt.part-ab").read_bytes())
+    piece = bytearray((carried / "mnist_learned.ckpt.pt.part-ab").read_bytes())
     piece[1000] ^= 1
-    (carried / "mnist_lv.ckpt.pt.part-ab").write_bytes(piece)
+    (carried / "mnist_learned.ckpt.pt.part-ab").write_bytes(piece)
     result = suite(tmp_path, mnist, "mnist")
     assert result.returncode == 1
     assert re.search(r"^=== mnist: error: the pieces in .* do not join to the checkpoint their sha256 names",
@@ -120,10 +122,26 @@ def test_a_damaged_piece_fails_the_mnist_stage_with_one_line(first_session, tmp_
     assert "mnist=sha256" in result.stdout and not pieces(tmp_path / "out")
 
 
+def test_celeba_rows_train_one_after_the_other_and_record_table_2(tmp_path):
+    data = tmp_path / "celeba"
+    tiny_celeba(data, splits=(0,) * 32 + (2,) * 4)
+    result = suite(tmp_path, tmp_path, "celeba", CELEBA_DIR=str(data), CELEBA_ROWS="fixed warmstart")
+    log = (tmp_path / "out" / "suite.log").read_text()
+    assert result.returncode == 0, log[-3000:]
+    assert exits(log) == {"celeba-fixed": 0, "celeba-warmstart": 0}
+    assert "--sigma learned --lv-warmup 9360" in log
+    with tarfile.open(tmp_path / "out" / "suite.tgz") as archive:
+        table = archive.extractfile("results/images/table2.md").read().decode()
+    assert table.count("| celeba |") == 2, table
+
+
 def test_unknown_stage_and_spent_budget(tmp_path):
     result = suite(tmp_path, tmp_path, "env", "gpu")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        "gpu_suite.sh: no stage 'gpu'; stages: env nll train tests 2d mnist"]
+        "gpu_suite.sh: no stage 'gpu'; stages: env nll train tests 2d mnist celeba"]
+    result = suite(tmp_path, tmp_path, "mnist", MNIST_ROW="lv")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "gpu_suite.sh: no Table 2 row 'lv'; rows: fixed learned-scalar learned warmstart optimal discretized"]
     # 30 s leave 5 s after the 25 s kept for packing: every stage is skipped, which is no failure.
     result = suite(tmp_path, tmp_path, "env", "nll", BUDGET="30")
     assert result.returncode == 0, result.stdout

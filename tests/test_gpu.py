@@ -22,6 +22,8 @@ from kernels import gaussian_nll as nll_module
 from test_train_images import final_nats, write_tiny_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Up to ten processes compile at once: two Inductor compile workers each, not one per core each.
+SHARED_CORES = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "2"}
 
 pytestmark = [
     pytest.mark.gpu,
@@ -95,7 +97,7 @@ def test_default_run_reaches_the_fp32_test_elbo_and_resumes_across_configuration
 def side_by_side(commands):
     """train_images.py with each argument list, as concurrent processes (compilation is most of their time)."""
     processes = [subprocess.Popen([sys.executable, "train_images.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for args in commands]
+                                  stderr=subprocess.PIPE, text=True, env=SHARED_CORES) for args in commands]
     outputs = [process.communicate(timeout=300) for process in processes]
     return [subprocess.CompletedProcess(p.args, p.returncode, *output) for p, output in zip(processes, outputs)]
 
@@ -134,7 +136,7 @@ def step_comparisons():
     code = "import json, sys; sys.path[:0] = ['.', 'tests']; import test_gpu; " \
            "print(json.dumps(test_gpu.compiled_and_eager_losses(*sys.argv[1:])))"
     processes = {case: subprocess.Popen([sys.executable, "-c", code, *case], cwd=ROOT, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True) for case in STEP_CASES}
+                                        stderr=subprocess.PIPE, text=True, env=SHARED_CORES) for case in STEP_CASES}
     yield processes
     for process in processes.values():
         process.kill()

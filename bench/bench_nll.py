@@ -10,6 +10,7 @@ results/bench_nll.md.
 
     python bench/bench_nll.py
     python bench/bench_nll.py --datasets celeba --batch-sizes 256 4096 --dtypes bf16 --rep-ms 50
+    python bench/bench_nll.py --batch-sizes 4096 --sweep        # + the kernels' block sizes and warps
 """
 
 import argparse
@@ -20,6 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernels.gaussian_nll as nll_module  # noqa: E402
 from kernels.gaussian_nll import TRITON_AVAILABLE, gaussian_nll, gaussian_nll_reference  # noqa: E402
 
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "celeba": (3, 64, 64)}  # (C, H, W)
@@ -41,6 +43,9 @@ parser.add_argument("--warmup-ms", type=int, default=25,
 parser.add_argument("--rep-ms", type=int, default=100, help="do_bench's timed repetitions, in ms (default 100)")
 parser.add_argument("--copy-mib", type=int, default=1024,
                     help="size in MiB of the tensor copied device-to-device to measure copy bandwidth (default 1024)")
+parser.add_argument("--sweep", action="store_true",
+                    help="then time the Triton kernels' launch configurations (block size x warps) at the CelebA "
+                         "shape and the largest N, to choose kernels/gaussian_nll.py's MAX_BLOCK_SIZE and NUM_WARPS")
 parser.add_argument("--out", default="results/bench_nll.md",
                     help="where the Markdown table goes (default results/bench_nll.md)")
 args = parser.parse_args()
@@ -201,10 +206,50 @@ def targets():
     return ["Targets, from the CUDA-graph times:", "", *lines, ""] if lines else []
 
 
+def sweep():
+    """The Triton kernels' fwd+bwd time by launch configuration, CelebA shape, largest N, replayed from a CUDA
+    graph: the figures by which to set MAX_BLOCK_SIZE and NUM_WARPS (the defaults are marked)."""
+    n, lines = max(args.batch_sizes), []
+    default = (nll_module.MAX_BLOCK_SIZE, nll_module.NUM_WARPS)
+    for dtype_name in args.dtypes:
+        shape = (n,) + IMAGE_SHAPES["celeba"]
+        generator = torch.Generator(device).manual_seed(0)
+        x = torch.rand(shape, generator=generator, device=device)
+        mean = (x + 0.1 * torch.randn(shape, generator=generator, device=device)).to(DTYPES[dtype_name])
+        log_sigma = (-4 * torch.rand(shape, generator=generator, device=device)).to(DTYPES[dtype_name])
+        x = x.to(DTYPES[dtype_name])
+        mean.requires_grad_(), log_sigma.requires_grad_()
+        upstream = torch.ones(n, device=device)
+        moved_bytes = 8 * x.numel() * x.element_size()
+        for block_size in [1024, 2048, 4096, 8192]:
+            for num_warps in [4, 8, 16]:
+                nll_module.MAX_BLOCK_SIZE, nll_module.NUM_WARPS = block_size, num_warps
+                step = lambda: torch.autograd.grad(gaussian_nll(x, mean, log_sigma, backend="triton"),
+                                                   (mean, log_sigma), upstream)
+                try:
+                    launched, replayed = time_ms(step)
+                except Exception as error:  # e.g. too many registers: a finding
+                    lines.append(f"| {dtype_name} | {block_size} | {num_warps} | failed: {type(error).__name__} "
+                                 "| | |")
+                    continue
+                milliseconds = replayed or launched
+                share = moved_bytes / (milliseconds * 1e-3) / 1e9 / copy_gbs
+                mark = " (default)" if block_size == default[0] and num_warps == (default[1] or 8) else ""
+                lines.append(f"| {dtype_name} | {block_size} | {num_warps}{mark} | {launched:.4f} | "
+                             f"{'n/a' if replayed is None else f'{replayed:.4f}'} | {100 * share:.0f}% |")
+                print(lines[-1], flush=True)
+        del x, mean, log_sigma
+    nll_module.MAX_BLOCK_SIZE, nll_module.NUM_WARPS = default
+    return ["", f"## Launch configurations of the Triton kernels (CelebA, N = {n})", "",
+            "Forward + backward by MAX_BLOCK_SIZE (elements of a row per program) and NUM_WARPS; bandwidth share "
+            "from the CUDA-graph time (the launched time where capture failed).", "",
+            "| dtype | block | warps | launched ms | CUDA graph ms | of copy BW |", "|---|---|---|---|---|---|", *lines]
+
+
 import triton  # noqa: E402  (present: checked at the top)
 
 properties = torch.cuda.get_device_properties(device)
-write_report([
+report = [
     TITLE,
     "",
     COMMAND,
@@ -233,4 +278,7 @@ write_report([
     "| of copy BW | peak extra MiB | gradients MiB | fwd rel. diff. vs eager |",
     "|" + "---|" * 13,
     *rows,
-])
+]
+write_report(report)  # before the sweep: a time box that stops the sweep keeps the table
+if args.sweep:
+    write_report(report + sweep())

@@ -65,6 +65,7 @@ TRITON_AVAILABLE = triton is not None
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # dtypes the kernels take; fp32 accumulation
 MAX_BLOCK_SIZE = 2048  # elements of one row per program; a row longer than this is split into chunks (not tuned)
+NUM_WARPS = None  # warps per program; None: 4 up to 1,024 elements, else 8. bench/bench_nll.py --sweep varies both
 
 
 # --- reference ---
@@ -185,7 +186,7 @@ def _in_kernel_layout(x, mean, log_sigma):
 def _launch_config(row_size):
     """Block size (the next power of two of D, at most MAX_BLOCK_SIZE), chunks per row and warps."""
     block_size = min(MAX_BLOCK_SIZE, triton.next_power_of_2(max(row_size, 1)))
-    num_warps = 4 if block_size <= 1024 else 8
+    num_warps = NUM_WARPS or (4 if block_size <= 1024 else 8)
     return block_size, triton.cdiv(row_size, block_size), num_warps
 
 

@@ -12,6 +12,7 @@ Berger & Sebag, "Variational Auto-Encoders: Not all failures are equal" (paper.m
   Rybkin et al. 2021, sigma^2 = batch MSE). Each turns the decoder output into (mean, log_sigma).
 - `gaussian_nll`, `discretized_gaussian_nll`, `gaussian_kl`, `elbo_terms`, `iwae_bound`: in nats, every normalising
   constant included; `bits_per_dim`, `dequantized_bits_per_dim`: the units of the paper's Table 2 and of the literature.
+- `CUDAGraphStep`: a whole training step (forward, backward, optimizer) recorded once as a CUDA graph and replayed.
 - TensorBoard writer, sigma statistics, atomic checkpoints.
 - data: MNIST's IDX files (`load_mnist`, `download_mnist`) and CelebA's JPEGs with a uint8 cache (`load_celeba`).
 """
@@ -371,12 +372,66 @@ def iwae_bound(model, obs, x, k, generator=None, event_dims=1, nll=gaussian_nll,
     z_sample = mu.unsqueeze(-3) + torch.exp(log_std).unsqueeze(-3) * eps
     decoder_out = model.decode(z_sample.reshape(lead + (k * batch, mu.shape[-1])))
     event_shape = x.shape[x.ndim - event_dims :]
-    x_repeated = x.unsqueeze(len(lead)).expand(lead + (k, batch) + event_shape).reshape(lead + (k * batch,) + event_shape)
+    x_repeated = x.unsqueeze(len(lead)).expand(lead + (k, batch) + event_shape)
+    x_repeated = x_repeated.reshape(lead + (k * batch,) + event_shape)
     mean, log_sigma = obs(decoder_out, x_repeated)
     log_px_z = -nll(x_repeated, mean, log_sigma, event_dims).reshape(lead + (k, batch))
     log_pz = -gaussian_nll(z_sample, torch.zeros(()), torch.zeros(()))
     log_qz_x = -gaussian_nll(eps, torch.zeros(()), torch.zeros(())) - log_std.sum(-1).unsqueeze(-2)
     return torch.logsumexp(log_px_z + log_pz - log_qz_x, dim=-2) - math.log(k)
+
+
+# --- one training step as one CUDA graph ---
+
+
+class CUDAGraphStep:
+    """step(*inputs) -> tensor(s), run as one CUDA graph: PyTorch's recipe for whole-network capture. For small models
+    whose steps are bound by the host launching hundreds of kernels (the 2-D ensembles, MNIST), one replay a step.
+
+    The first `warmup` calls run eagerly on a side stream: real steps, which also create the optimizer's state,
+    compile what torch.compile compiles and let cuDNN pick its algorithms. The next call records the step once on
+    static copies of its inputs, after before_record() (zero_grad(set_to_none=True): the recorded backward then
+    allocates the gradients in the graph's own memory), and replays it: recording runs nothing. Every later call
+    copies its inputs into the static ones and replays. What changes between steps must change in place in tensors
+    the step reads (an optimizer capturable=True keeps its step counts on the GPU). The returned outputs are then the
+    graph's static tensors, overwritten by the next call: copy what must outlive it.
+    """
+
+    def __init__(self, step, warmup=3, before_record=lambda: None):
+        self.step, self.warmup, self.before_record = step, warmup, before_record
+        self.calls, self.graph, self.inputs, self.outputs = 0, None, None, None
+
+    def __call__(self, *inputs):
+        self.calls += 1
+        if self.calls <= self.warmup:
+            return self.warm_up(inputs)
+        if self.graph is None:
+            self.inputs = [x.clone() for x in inputs]
+            self.before_record()
+            self.record()
+        else:
+            for static, x in zip(self.inputs, inputs):
+                static.copy_(x)
+        self.replay()
+        return self.outputs
+
+    # The three steps that touch CUDA (tests/test_common.py replaces them with a CPU stand-in of the same semantics)
+
+    def warm_up(self, inputs):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            outputs = self.step(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        return outputs
+
+    def record(self):
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = self.step(*self.inputs)
+
+    def replay(self):
+        self.graph.replay()
 
 
 # --- logging, checkpoints ---

@@ -34,6 +34,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from common import (
+    CUDAGraphStep,
     FixedSigma,
     LearnedPerDimSigma,
     LearnedScalarSigma,
@@ -321,7 +322,9 @@ class Ensemble:
                                           fused=True, capturable=torch.device(device).type == "cuda")
         # NaN guard without a host sync: each step's loss per member stays on the device until check_finite reads it
         self.chunk_losses = torch.zeros(CHUNK_STEPS, len(self.names) * len(seeds), device=device)
-        self.graph, self.steps_taken = None, 0
+        # --cuda-graphs: the whole step as one CUDA graph (common.CUDAGraphStep); eager otherwise
+        self.graphed_step = CUDAGraphStep(self.step_terms, GRAPH_WARMUP_STEPS,
+                                          lambda: self.optimizer.zero_grad(set_to_none=True)) if self.graphed else None
 
     def group(self, name):
         return self.obs.models[self.names.index(name)]
@@ -368,33 +371,11 @@ class Ensemble:
         return [t.detach() for t in (recon_nll, kl, elbo, log_sigma, loss_per_member)]
 
     def train_step(self, x_seeds, eps_seeds, step):
-        """step_terms, eagerly or (--cuda-graphs) as a CUDA graph: GRAPH_WARMUP_STEPS eager steps on a side stream
-        (they create Adam's state and the libraries' handles), then the next step is recorded once and every step
-        from it on replays the record on static copies of the inputs. The graph's outputs are overwritten by the
-        next step: copy what must outlive it. Everything outside (hand-over, schedule, NaN record) acts in place on
-        tensors the graph reads or writes, so eager and graphed steps compute the same."""
-        self.steps_taken += 1
-        if not self.graphed:
-            terms = self.step_terms(x_seeds, eps_seeds)
-        elif self.steps_taken <= GRAPH_WARMUP_STEPS:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                terms = self.step_terms(x_seeds, eps_seeds)
-            torch.cuda.current_stream().wait_stream(side)
-        else:
-            if self.graph is None:
-                self.static_x, self.static_eps = x_seeds.clone(), eps_seeds.clone()
-                self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients in its pool
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):  # records; runs nothing
-                    self.static_terms = self.step_terms(self.static_x, self.static_eps)
-            else:
-                self.static_x.copy_(x_seeds)
-                self.static_eps.copy_(eps_seeds)
-            self.graph.replay()
-            terms = self.static_terms
-        *terms, loss_per_member = terms
+        """step_terms, eagerly or (--cuda-graphs) replayed as one CUDA graph, whose outputs the next step overwrites:
+        copy what must outlive the step. What acts between steps (hand-over, F-sched's sigma, the NaN record) writes
+        in place into tensors the step reads, so eager and graphed steps compute the same."""
+        step_fn = self.graphed_step or self.step_terms
+        *terms, loss_per_member = step_fn(x_seeds, eps_seeds)
         self.chunk_losses[(step - 1) % CHUNK_STEPS] = loss_per_member
         return terms
 

@@ -57,6 +57,7 @@ from tqdm import tqdm
 from common import (
     MIN_LOG_SIGMA,
     ConvVAE,
+    CUDAGraphStep,
     DataError,
     FixedSigma,
     LearnedPerDimSigma,
@@ -395,39 +396,20 @@ def train_step(step_module, optimizer, guard, pixels, eps, cuda_graphs):
 
 
 class WholeStepGraph:
-    """--compile whole-step: train_step recorded once as one CUDA graph, then replayed, so that the host launches one
-    graph a step instead of the step's hundreds of kernels and Python's work around each (what bounds the small MNIST
-    model). The forward and backward are torch.compile's (default mode), the NaN guard and fused Adam (capturable)
-    are inside the graph. The PyTorch docs' recipe for whole-network capture: WARMUP eager steps on a side stream
-    first (compilation, cuDNN's algorithm search, Adam's state), real steps of training; then the next step is
-    recorded (which runs nothing) and replayed, on static copies of the pixels and noise. The terms it returns are
-    overwritten by the next step. Called like train_step."""
-
-    WARMUP = 3
+    """--compile whole-step: train_step recorded once as one CUDA graph and replayed (common.CUDAGraphStep), so that
+    the host launches one graph a step instead of the step's hundreds of kernels and Python's work around each (what
+    bounds the small MNIST model). The forward and backward are torch.compile's (default mode); the NaN guard and
+    fused Adam (capturable) are inside the graph. Three eager warm-up steps come first. Called like train_step; the
+    terms it returns are overwritten by the next step."""
 
     def __init__(self):
-        self.graph, self.steps = None, 0
+        self.graphed = None
 
     def __call__(self, step_module, optimizer, guard, pixels, eps, cuda_graphs=False):
-        self.steps += 1
-        if self.steps <= self.WARMUP:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                terms = train_step(step_module, optimizer, guard, pixels, eps, False)
-            torch.cuda.current_stream().wait_stream(side)
-            return terms
-        if self.graph is None:
-            self.pixels, self.eps = pixels.clone(), eps.clone()
-            optimizer.zero_grad(set_to_none=True)  # the recorded backward allocates the gradients in the graph's pool
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.terms = train_step(step_module, optimizer, guard, self.pixels, self.eps, False)
-        else:
-            self.pixels.copy_(pixels)
-            self.eps.copy_(eps)
-        self.graph.replay()
-        return self.terms
+        if self.graphed is None:
+            self.graphed = CUDAGraphStep(lambda p, e: train_step(step_module, optimizer, guard, p, e, False),
+                                         before_record=lambda: optimizer.zero_grad(set_to_none=True))
+        return self.graphed(pixels, eps)
 
 
 def step_function(args):

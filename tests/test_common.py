@@ -1,4 +1,5 @@
-"""common.py against independent references: torch.distributions, Monte Carlo, closed forms."""
+"""common.py against independent references: torch.distributions, Monte Carlo, closed forms; CUDAGraphStep's
+protocol on the CPU (tests/test_gpu.py runs the real CUDA graphs)."""
 
 import math
 
@@ -8,6 +9,7 @@ from torch.distributions import Normal, kl_divergence
 
 from common import (
     MIN_LOG_SIGMA,
+    CUDAGraphStep,
     EnsembleLinear,
     FixedSigma,
     LearnedPerDimSigma,
@@ -211,3 +213,42 @@ def test_soft_floor_is_bit_identical_on_avx2_and_avx512_kernels():
         assert used == capability
         digests[capability] = digest
     assert digests["AVX512"] == digests["AVX2"]
+
+
+class ReplayedOnCPU(CUDAGraphStep):
+    """CUDAGraphStep with its CUDA calls replaced by what they do, on the CPU: warm-up steps run eagerly, recording
+    runs nothing, and a replay runs the step on the static inputs and writes its results into the same output
+    tensors every time. A caller that keeps an output without copying it sees it overwritten, as with a real graph:
+    the training loops of train_2d.py and train_images.py are tested against their eager steps with it."""
+
+    def warm_up(self, inputs):
+        return self.step(*inputs)
+
+    def record(self):
+        self.graph = "recorded"
+
+    def replay(self):
+        fresh = self.step(*self.inputs)
+        if self.outputs is None:
+            self.outputs = fresh
+        elif isinstance(fresh, torch.Tensor):
+            self.outputs.copy_(fresh)
+        else:
+            for static, new in zip(self.outputs, fresh):
+                static.copy_(new)
+
+
+def test_cuda_graph_step_warms_up_records_once_and_replays_on_copied_inputs():
+    calls = []
+
+    def step(x):
+        calls.append(x.clone())
+        return [x * 2, x.sum()]
+
+    before = []
+    graphed = ReplayedOnCPU(step, warmup=2, before_record=lambda: before.append(len(calls)))
+    outputs = [graphed(torch.full((3,), float(i))) for i in range(5)]
+    assert [c[0].item() for c in calls] == [0, 1, 2, 3, 4] and before == [2]  # recorded once, after the warm-up
+    assert graphed.graph == "recorded" and outputs[2] is outputs[4]  # replays return the same static tensors...
+    assert outputs[2][1].item() == 12.0  # ...overwritten by the last step (4 * 3), as a CUDA graph's are
+    assert outputs[1][1].item() == 3.0  # a warm-up step's outputs are its own

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import train_2d
-from common import FixedSigma, LearnedPerDimSigma, LearnedScalarSigma, elbo_terms
+from common import FixedSigma, LearnedPerDimSigma, LearnedScalarSigma, OptimalSigma, ScheduledSigma, elbo_terms
+from test_common import ReplayedOnCPU
 
 ROOT = train_2d.__file__.rsplit("/", 1)[0]
 
@@ -245,3 +246,43 @@ def test_lv_rows_train_bit_identically_on_avx2_and_avx512_kernels(tmp_path):
         assert used == capability
         digests.add(digest)
     assert len(digests) == 1
+
+
+def test_graphed_steps_train_exactly_as_eager_steps(tmp_path, monkeypatch):
+    # --cuda-graphs on the CPU: common.CUDAGraphStep with its CUDA calls replaced by what they do (ReplayedOnCPU:
+    # the step's outputs are static tensors that every later step overwrites). Every kind of row in both phases, the
+    # warm start handing over mid-run, F-sched replaying LS's sigma: the same weights, records and fold probes bit for
+    # bit as eager steps, so nothing in the loop keeps a graph output that the next step overwrites.
+    args = small_args(tmp_path, "--steps", "60", "--lv-warmup", "20")
+    written = []  # what train() hands to TensorBoard: LV rows' sigma at every record among it
+    monkeypatch.setattr(train_2d, "write_tensorboard", lambda history, lv_sigma, *_: written.append(lv_sigma))
+
+    def run(graphed):
+        def maybe_graphed(ens):
+            if graphed:
+                ens.graphed_step = ReplayedOnCPU(ens.step_terms, train_2d.GRAPH_WARMUP_STEPS,
+                                                 lambda: ens.optimizer.zero_grad(set_to_none=True))
+            return ens
+
+        groups = [("F-VAE sigma=0.1", FixedSigma(torch.full((2, 1, 1), 0.1))),
+                  ("LS-VAE", LearnedScalarSigma((2, 1, 1))), ("sigma-VAE", OptimalSigma((2, 1, 1))),
+                  ("LV-VAE", LearnedPerDimSigma(dim=-1)), ("LV-VAE, warm start", train_2d.WarmStartSigma(2))]
+        phase1 = maybe_graphed(train_2d.Ensemble(groups, [0, 1], args, "cpu"))
+        history, schedule = train_2d.train([phase1], [0, 1], args, "cpu", "phase 1")
+        phase2 = maybe_graphed(train_2d.Ensemble([("F-sched", ScheduledSigma(schedule.reshape(60, -1, 1, 1)))],
+                                                 [10000, 10001], args, "cpu"))
+        history.update(train_2d.train([phase2], [10000, 10001], args, "cpu", "phase 2")[0])
+        if graphed:
+            assert phase1.graphed_step.graph == phase2.graphed_step.graph == "recorded"
+        return history, [p.detach().clone() for ens in (phase1, phase2) for p in ens.model.parameters()]
+
+    runs = {graphed: run(graphed) for graphed in [False, True]}
+    (eager, eager_weights), (replayed, replayed_weights) = runs[False], runs[True]
+    assert eager.keys() == replayed.keys()
+    for name in eager:
+        for key, value in eager[name].items():
+            assert (replayed[name][key] == value).all(), (name, key)
+    assert all(torch.equal(a, b) for a, b in zip(eager_weights, replayed_weights))
+    eager_sigma, replayed_sigma = written[0], written[2]  # phase 1 of each run
+    assert eager_sigma.keys() == replayed_sigma.keys() == {"LV-VAE", "LV-VAE, warm start"}
+    assert all(torch.equal(eager_sigma[name], replayed_sigma[name]) for name in eager_sigma)

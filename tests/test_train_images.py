@@ -20,6 +20,7 @@ import train_images
 from common import (bits_per_dim, dequantized_bits_per_dim, discretized_gaussian_nll, elbo_terms, gaussian_nll,
                     load_checkpoint)
 from kernels.gaussian_nll import TRITON_AVAILABLE
+from test_common import ReplayedOnCPU
 
 ROOT = train_images.__file__.rsplit("/", 1)[0]
 
@@ -403,6 +404,35 @@ def test_nll_kernel_auto_leaves_a_compiled_step_to_inductor_and_fuses_an_eager_o
         assert train_images.likelihood(args, cuda, compiled=True) is not gaussian_nll
     args.nll_kernel, args.likelihood = "torch", "continuous"
     assert train_images.likelihood(args, cuda, compiled=False) is gaussian_nll
+
+
+def test_whole_step_graph_trains_exactly_as_eager_steps(monkeypatch):
+    # --compile whole-step on the CPU: common.CUDAGraphStep with its CUDA calls replaced by what they do
+    # (ReplayedOnCPU), around train_step with its NaN guard and Adam. Six steps (three warm-up, record, replays) on
+    # new batches: the same losses, weights and guard as six eager steps, with the loop's use of the returned terms.
+    monkeypatch.setattr(train_images, "CUDAGraphStep", ReplayedOnCPU)
+    args = train_images.parse_args(["--sigma", "learned", "--lv-warmup", "4", "--device", "cpu"])
+    train_images.resolve_defaults(args, torch.device("cpu"), 1)
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8, generator=generator),
+                torch.randn(8, 256, generator=generator)) for _ in range(6)]
+    results, whole_step = [], train_images.WholeStepGraph()
+    for step_fn in [train_images.train_step, whole_step]:
+        torch.manual_seed(0)
+        model, obs, step_module, optimizer = train_images.build(args, torch.device("cpu"))
+        guard = train_images.NanGuard(optimizer, 0, torch.device("cpu"))
+        meter, losses = torch.zeros(4), []
+        for step, (pixels, eps) in enumerate(batches, start=1):
+            terms = step_fn(step_module, optimizer, guard, pixels, eps, False)
+            meter += terms  # as main() does, at once
+            losses.append(terms[0].item())
+            if step == args.lv_warmup:
+                obs.hand_over(model.decoder[-1])  # in place, between steps, as main() does
+        results.append((losses, meter, [p.detach().clone() for p in model.parameters()], guard.step.item()))
+    (eager_losses, eager_meter, eager_weights, eager_steps), (losses, meter, weights, steps) = results
+    assert losses == eager_losses and torch.equal(meter, eager_meter) and steps == eager_steps == 6
+    assert len(set(losses)) == 6 and all(torch.equal(a, b) for a, b in zip(weights, eager_weights))
+    assert whole_step.graphed.graph == "recorded" and whole_step.graphed.calls == 6
 
 
 def test_nan_guard_skips_the_bad_update_and_every_later_one():

@@ -316,15 +316,16 @@ class Ensemble:
         self.obs = StackedObservation(groups).to(device)
         out_dim = 2 * max(obs.decoder_outputs_per_dim for _, obs in groups)
         self.model = MLPVAE(seeds * len(groups), 2, args.latent_dim, out_dim, args.hidden, args.blocks).to(device)
-        self.graphed = args.cuda_graphs != "off" and torch.device(device).type == "cuda"
+        on_gpu = torch.device(device).type == "cuda"
         # capturable (step counts read on the GPU) on every GPU run, graphed or not: the same Adam arithmetic in both
         self.optimizer = torch.optim.Adam(list(self.model.parameters()) + list(self.obs.parameters()), lr=args.lr,
-                                          fused=True, capturable=torch.device(device).type == "cuda")
+                                          fused=True, capturable=on_gpu)
         # NaN guard without a host sync: each step's loss per member stays on the device until check_finite reads it
         self.chunk_losses = torch.zeros(CHUNK_STEPS, len(self.names) * len(seeds), device=device)
-        # --cuda-graphs: the whole step as one CUDA graph (common.CUDAGraphStep); eager otherwise
+        # --cuda-graphs: the whole step as one CUDA graph (common.CUDAGraphStep); None: eager steps
         self.graphed_step = CUDAGraphStep(self.step_terms, GRAPH_WARMUP_STEPS,
-                                          lambda: self.optimizer.zero_grad(set_to_none=True)) if self.graphed else None
+                                          lambda: self.optimizer.zero_grad(set_to_none=True)) \
+            if on_gpu and args.cuda_graphs != "off" else None
 
     def group(self, name):
         return self.obs.models[self.names.index(name)]

@@ -49,7 +49,8 @@ TAG=mnist_$MNIST_ROW  # the run's name in ckpt/, $OUT and runs/
 RESERVE=25  # seconds of the budget kept for splitting the checkpoint and packing
 OUT=$(realpath -m "${OUT:-gpu_suite_out}") SCRATCH=$(realpath -m "${SCRATCH:-/tmp/gpu_suite_scratch}")
 LOG=$OUT/suite.log BG_LOG=$SCRATCH/2d.log EXITS=$SCRATCH/exits; STAGE_LOG=$LOG
-rm -rf "$SCRATCH/runs" "$SCRATCH/runs2d" "$SCRATCH/runs_celeba" "$SCRATCH/results" "$SCRATCH/pack" "$OUT"/mnist_*.ckpt.pt.*  # ours only
+rm -rf "$SCRATCH/runs" "$SCRATCH/runs2d" "$SCRATCH/runs_celeba" "$SCRATCH/results" "$SCRATCH/pack" \
+  "$OUT"/mnist_*.ckpt.pt.*  # ours only
 mkdir -p "$OUT" "$SCRATCH/pack"
 : >"$LOG"; : >"$BG_LOG"; : >"$EXITS"; touch "$SCRATCH/started"  # packed: the files under $RESULTS newer than this
 export PYTHONUNBUFFERED=1
@@ -99,7 +100,7 @@ two_d() {  # in the background: again without CUDA graphs if it fails before its
 }
 
 mnist() {  # continue the carried checkpoint, or start; then split its ckpt.pt into $OUT for the next session
-  local carried=$CKPT_DIR/$TAG run=$SCRATCH/runs/$TAG box=$((BUDGET - RESERVE - SECONDS - 30)) ckpts pieces
+  local carried=$CKPT_DIR/$TAG run=$SCRATCH/runs/$TAG box=$((BUDGET - RESERVE - SECONDS - 30)) ckpts pieces row
   local flags=(--epochs 1000 --eval-every "$EVAL_EVERY" --data-dir "$MNIST_DIR" --out "$RESULTS/images"
                --device "$DEVICE" "${MNIST_FLAGS[@]}")
   if compgen -G "$carried/*ckpt.pt.part-*" >/dev/null; then

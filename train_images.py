@@ -48,6 +48,11 @@ import signal
 import sys
 import time
 
+try:
+    import fcntl  # POSIX: serialises the Table 2 records of runs that finish at the same moment
+except ImportError:  # Windows: two runs finishing together may each rewrite table2.md without the other's row
+    fcntl = None
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -80,6 +85,7 @@ from common import (
     save_checkpoint,
     save_figure,
     soft_floor,
+    write_file_atomically,
 )
 from kernels.gaussian_nll import TRITON_AVAILABLE
 from kernels.gaussian_nll import gaussian_nll as fused_gaussian_nll
@@ -610,8 +616,7 @@ def write_table2(out):
             f"| {fmt(iwae['table2_bits_per_pixel'])} | {fmt(without_2pi)} | {fmt(final['bits_per_dim_8bit'])} "
             f"| {fmt(iwae['bits_per_dim_8bit'])} | {run['iwae_k']}, {run['iwae_images']} | {run['sigma_summary']} "
             f"| {wall} | {run['hardware']} | {paper_value(run)} | `{run['command']}` |")
-    with open(os.path.join(out, "table2.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_file_atomically(os.path.join(out, "table2.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
 
 def with_test_hooks(step_fn, step, parameters):
@@ -709,6 +714,17 @@ def announce(args, model, train_pixels, test_pixels, steps_per_epoch, eval_image
           f"({args.iwae_k * iwae_images:,} decoder passes{twice}); --eval-images and --iwae-images change this")
 
 
+def append_run(out, record):
+    """One line in <out>/runs.jsonl, and table2.md rewritten from it; runs finishing together (Table 2 rows trained
+    side by side) take turns, so that neither loses the other's row."""
+    with open(os.path.join(out, "runs.jsonl"), "a") as f:
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        write_table2(out)
+
+
 def record_run(args, model, obs, test_pixels, final, iwae, record, out, device):
     """The final figures, one line in <out>/runs.jsonl and <out>/table2.md rewritten from it (rank 0)."""
     with torch.no_grad():
@@ -730,9 +746,7 @@ def record_run(args, model, obs, test_pixels, final, iwae, record, out, device):
                   epochs=args.epochs, final=final, iwae=iwae, iwae_k=args.iwae_k, dtype=args.dtype,
                   compile=args.compile, sigma_summary=sigma_summary + (" (sqrt of the training MSE)"
                                                                        if args.sigma == "optimal" else ""))
-    with open(os.path.join(out, "runs.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-    write_table2(out)
+    append_run(out, record)
     print(f"final: {json.dumps(final)}\nIWAE-{args.iwae_k}: {json.dumps(iwae)}\nwrote {out}/table2.md, "
           f"{name}_reconstructions.png, {name}_generations.png")
 

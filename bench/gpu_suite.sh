@@ -2,33 +2,36 @@
 # The one command that spends a lent GPU's minutes (15 a session, ~12 usable, 10 a command): time-boxed stages within
 # one budget of $BUDGET s (default 540); each stage is logged; one that fails or runs out of time never stops the next.
 #
-#   bash bench/gpu_suite.sh [STAGE ...]      # on the GPU machine: stages env nll train tests 2d mnist (default all)
+#   bash bench/gpu_suite.sh [STAGE ...]      # on the GPU machine: stages env nll train tests 2d celeba mnist (all)
 #   PYTHON=.venv/bin/python TINY=1 MNIST_DIR=<MNIST-format IDX files> bash bench/gpu_suite.sh   # CPU plumbing, ~25 s
 #
 # In order, alone on the GPU so that their timings are honest: env (nvidia-smi, versions; 20 s), nll
-# (bench/bench_nll.py and its launch-configuration sweep; 90 s), train (bench/bench_train.py, ablations and profile; 200 s). Then 2d (train_2d.py --preset
-# paper) in the background until the budget ends, beside tests (pytest -m gpu; 120 s) and mnist: one MNIST row of
-# Table 2 ($MNIST_ROW, default learned: LV-VAE) toward the paper's 1,000 epochs, continued from $CKPT_DIR/mnist_<row>/
-# (an earlier session's checkpoint pieces) and stopped by its time box with a checkpoint saved. The stage celeba (only
-# when named) trains the CelebA rows $CELEBA_ROWS (default: fixed learned, the paper's two) one after the other for
-# $CELEBA_EPOCHS (default 200, the paper's) on $CELEBA_DIR, each in its share of the budget left.
+# (bench/bench_nll.py and its launch-configuration sweep; 90 s), train (bench/bench_train.py, ablations and profile;
+# 200 s). Then, concurrently until the budget ends: 2d (train_2d.py --preset paper) and celeba (the CelebA rows of
+# Table 2, $CELEBA_ROWS, default "fixed learned", the paper's two, side by side for $CELEBA_EPOCHS, default 200, the
+# paper's, on $CELEBA_DIR) in the background, beside tests (pytest -m gpu; 120 s) and then mnist: the MNIST rows of
+# Table 2 in $MNIST_ROW (default learned: LV-VAE; several run one after the other) toward the paper's 1,000 epochs,
+# each continued from $CKPT_DIR/mnist_<row>/ (an earlier session's checkpoint pieces) where carried. A row that the
+# budget stops saves a checkpoint, which comes back in pieces, and the rows after it wait for the next session.
+# celeba and mnist are skipped, as no failure, when their data are not there and the stage was not named: carry
+# data/celeba or data/mnist (the device tool's 64 MiB hold one of them beside the tracked files).
 # Writes into $OUT (default gpu_suite_out): suite.log; suite.tgz, to unpack in the repository root (what the stages
-# wrote under results/, the MNIST run's TensorBoard events in runs/gpu_suite_mnist_<row>/); and, unless the 1,000 epochs
-# are done, mnist_<row>.ckpt.pt.part-aa... (<= 15 MiB each) + mnist_<row>.ckpt.pt.sha256: copy them into
-# ckpt/mnist_<row>/ and carry ckpt/ to the next session. Exit 0 only if every stage that ran succeeded.
+# wrote under results/, the runs' TensorBoard events in runs/gpu_suite_<dataset>_<row>/); and, for a row stopped
+# before its 1,000 epochs, mnist_<row>.ckpt.pt.part-aa... (<= 15 MiB each) + mnist_<row>.ckpt.pt.sha256: copy them
+# into ckpt/mnist_<row>/ and carry ckpt/ to the next session. Exit 0 only if every stage that ran succeeded.
 # Environment: PYTHON (default python3, the GPU machine's own: nothing is installed), TINY=1 (toy sizes on the CPU,
 # results under $SCRATCH, never results/), OUT, SCRATCH (default /tmp/gpu_suite_scratch), BUDGET, MNIST_DIR (default
-# data/mnist), MNIST_ROW (fixed, learned-scalar, learned, warmstart, optimal, discretized), MNIST_FLAGS (more flags for
-# train_images.py, e.g. --compile whole-step), CKPT_DIR (default ckpt), CELEBA_DIR (default data/celeba), CELEBA_ROWS,
-# CELEBA_EPOCHS. Relative paths are relative to the repository root.
+# data/mnist), MNIST_ROW (one or more of fixed, learned-scalar, learned, warmstart, optimal, discretized),
+# MNIST_EPOCHS (default 1000), MNIST_FLAGS (more flags for train_images.py, e.g. --compile whole-step), CKPT_DIR
+# (default ckpt), CELEBA_DIR (default data/celeba), CELEBA_ROWS, CELEBA_EPOCHS. Relative paths are relative to the
+# repository root.
 set -u
 cd "$(dirname "$0")/.." || exit
-STAGES=(env nll train tests 2d mnist)  # the default; celeba runs when named
+STAGES=(env nll train tests 2d celeba mnist)
 for name in "$@"; do
-  [[ " ${STAGES[*]} celeba " == *" $name "* ]] ||
-    { echo "gpu_suite.sh: no stage '$name'; stages: ${STAGES[*]} celeba" >&2; exit 2; }
+  [[ " ${STAGES[*]} " == *" $name "* ]] || { echo "gpu_suite.sh: no stage '$name'; stages: ${STAGES[*]}" >&2; exit 2; }
 done
-WANTED=" ${*:-${STAGES[*]}} "
+WANTED=" ${*:-${STAGES[*]}} " NAMED=" $* "
 # Table 2's rows: train_images.py flags. warmstart: LS-VAE for 9,360 steps (20 epochs of 468), about the ~7,700 steps
 # at lr 3e-4 that a learned scalar log sigma needs to fall from sigma = 1 to ~0.1 (it moves ~lr a step), then LV-VAE;
 # fixed before any run.
@@ -42,21 +45,20 @@ for row in $MNIST_ROW $CELEBA_ROWS; do
 done
 read -ra MNIST_FLAGS <<<"${MNIST_FLAGS:-}"
 want() { [[ $WANTED == *" $1 "* ]]; }
+named() { [[ $NAMED == *" $1 "* ]]; }
 
-PY=${PYTHON:-python3} TINY=${TINY:-0} BUDGET=${BUDGET:-540}
+PY=${PYTHON:-python3} TINY=${TINY:-0} BUDGET=${BUDGET:-540} MNIST_EPOCHS=${MNIST_EPOCHS:-1000}
 MNIST_DIR=${MNIST_DIR:-data/mnist} CKPT_DIR=${CKPT_DIR:-ckpt} CELEBA_DIR=${CELEBA_DIR:-data/celeba}
-TAG=mnist_$MNIST_ROW  # the run's name in ckpt/, $OUT and runs/
 RESERVE=25  # seconds of the budget kept for splitting the checkpoint and packing
 OUT=$(realpath -m "${OUT:-gpu_suite_out}") SCRATCH=$(realpath -m "${SCRATCH:-/tmp/gpu_suite_scratch}")
-LOG=$OUT/suite.log BG_LOG=$SCRATCH/2d.log EXITS=$SCRATCH/exits; STAGE_LOG=$LOG
-rm -rf "$SCRATCH/runs" "$SCRATCH/runs2d" "$SCRATCH/runs_celeba" "$SCRATCH/results" "$SCRATCH/pack" \
-  "$OUT"/mnist_*.ckpt.pt.*  # ours only
-mkdir -p "$OUT" "$SCRATCH/pack"
-: >"$LOG"; : >"$BG_LOG"; : >"$EXITS"; touch "$SCRATCH/started"  # packed: the files under $RESULTS newer than this
+LOG=$OUT/suite.log EXITS=$SCRATCH/exits; STAGE_LOG=$LOG
+rm -rf "$SCRATCH/runs" "$SCRATCH/results" "$SCRATCH/pack" "$SCRATCH/logs" "$OUT"/mnist_*.ckpt.pt.*  # ours only
+mkdir -p "$OUT" "$SCRATCH/pack" "$SCRATCH/logs"
+: >"$LOG"; : >"$EXITS"; touch "$SCRATCH/started"  # packed: the files under $RESULTS newer than this
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # tests/conftest.py sets it where there is no GPU; here the GPU runs Triton
 if [ "$TINY" = 1 ]; then  # CPU plumbing: every stage at toy sizes
-  export OMP_NUM_THREADS=1  # 2d and mnist share a CI machine's 2 cores: 2 threads each would halve both
+  export OMP_NUM_THREADS=1  # the concurrent stages share a CI machine's 2 cores: 2 threads each would halve them
   RESULTS=$SCRATCH/results DEVICE=cpu EVAL_EVERY=1
   NLL=(--batch-sizes 8 --rep-ms 1 --warmup-ms 1 --sweep)
   TRAIN=(--sigmas learned --datasets mnist --steps 2 --warmup 1 --batch-size 8)  # --profile: 10 s more on a CPU
@@ -64,7 +66,7 @@ if [ "$TINY" = 1 ]; then  # CPU plumbing: every stage at toy sizes
   MNIST_NEW=(--max-train-images 256 --eval-images 64 --iwae-images 8 --iwae-k 2 --batch-size 32)
   CELEBA=(--max-train-images 32 --batch-size 16 --eval-images 16 --iwae-images 4 --iwae-k 2 --epochs 1)
 else
-  RESULTS=results DEVICE=cuda EVAL_EVERY=10
+  RESULTS=results DEVICE=cuda EVAL_EVERY=25
   NLL=(--batch-sizes 1024 4096 --rep-ms 50 --warmup-ms 10 --sweep)  # the table is written before the sweep
   # LV-VAE: 4 rows, 12 ablations and 3 profiles, each compiling for up to ~18 s on an H200, 2 s of timed steps a
   # row; the table is rewritten after each row, in priority order, so the time box keeps what ran
@@ -92,69 +94,100 @@ stage() {  # stage NAME BOX COMMAND...: COMMAND in min(BOX, budget left) s, outp
   echo "$name $RC" >>"$EXITS"
 }
 
+has_data() {  # has_data STAGE WHAT FILE...: true if every FILE exists; else the stage is skipped, or fails if named
+  local name=$1 what=$2 path; shift 2
+  for path in "$@"; do
+    [ -e "$path" ] && continue
+    if named "$name"; then
+      echo "=== $name: error: no $path; carry $what to the device (e.g. carry=[\"$what\"])" | tee -a "$LOG"
+      echo "$name no-data" >>"$EXITS"
+    else
+      skip "$name" "no $path (carry $what to run it)"
+    fi
+    return 1
+  done
+}
+
+pack_events() {  # pack_events FOLDER NAME: FOLDER's TensorBoard events into the pack's runs/NAME/
+  mkdir -p "$SCRATCH/pack/runs/$2"
+  find "$1" -name 'events.out.tfevents.*' -exec cp {} "$SCRATCH/pack/runs/$2/" \; 2>/dev/null
+}
+
 two_d() {  # in the background: again without CUDA graphs if it fails before its time box (e.g. a capture error)
-  STAGE_LOG=$BG_LOG
-  local train_2d=("$PY" train_2d.py "${TWO_D[@]}" --device "$DEVICE" --logdir "$SCRATCH/runs2d")
+  STAGE_LOG=$SCRATCH/logs/2d.log
+  local train_2d=("$PY" train_2d.py "${TWO_D[@]}" --device "$DEVICE" --logdir "$SCRATCH/runs/2d")
   stage 2d "$BUDGET" "${train_2d[@]}"
   [[ $RC == 0 || $RC == 124 || $RC == skipped ]] || stage 2d-no-graphs "$BUDGET" "${train_2d[@]}" --cuda-graphs off
 }
 
-mnist() {  # continue the carried checkpoint, or start; then split its ckpt.pt into $OUT for the next session
-  local carried=$CKPT_DIR/$TAG run=$SCRATCH/runs/$TAG box=$((BUDGET - RESERVE - SECONDS - 30)) ckpts pieces row
-  local flags=(--epochs 1000 --eval-every "$EVAL_EVERY" --data-dir "$MNIST_DIR" --out "$RESULTS/images"
+celeba() {  # in the background: the rows side by side (short runs, mostly compilation); Table 2 rows at the end.
+  # The decoded cache goes to $SCRATCH: the data folder stays as carried (with a cache it would pass the 64 MiB).
+  local name row
+  for name in $CELEBA_ROWS; do
+    read -ra row <<<"${ROWS[$name]}"
+    STAGE_LOG=$SCRATCH/logs/celeba-$name.log stage "celeba-$name" "$BUDGET" "$PY" train_images.py --dataset celeba \
+      "${row[@]}" --data-dir "$CELEBA_DIR" --cache-dir "$SCRATCH/celeba_cache" "${CELEBA[@]}" --device "$DEVICE" \
+      --logdir "$SCRATCH/runs/celeba_$name" --out "$RESULTS/images" &
+  done
+  wait
+  for name in $CELEBA_ROWS; do pack_events "$SCRATCH/runs/celeba_$name" "gpu_suite_celeba_$name"; done
+}
+
+mnist_row() {  # mnist_row ROW: continue the carried checkpoint, or start; if the box stops it, split its ckpt.pt
+  local tag=mnist_$1 carried=$CKPT_DIR/mnist_$1 logdir=$SCRATCH/runs/mnist_$1 ckpts pieces row
+  local box=$((BUDGET - RESERVE - SECONDS - 30))
+  local flags=(--epochs "$MNIST_EPOCHS" --eval-every "$EVAL_EVERY" --data-dir "$MNIST_DIR" --out "$RESULTS/images"
                --device "$DEVICE" "${MNIST_FLAGS[@]}")
   if compgen -G "$carried/*ckpt.pt.part-*" >/dev/null; then
-    mkdir -p "$run"  # train_images.py writes into its checkpoint's folder: a run folder of its own
-    cat "$carried"/*ckpt.pt.part-* >"$run/ckpt.pt"
-    cp "$carried"/events.out.tfevents.* "$run"/ 2>/dev/null  # the earlier sessions' curves, where carried
-    if [ "$(sha256sum <"$run/ckpt.pt" | cut -d' ' -f1)" != "$(cut -d' ' -f1 "$carried"/*ckpt.pt.sha256 2>/dev/null)" ]
-    then
-      echo "=== mnist: error: the pieces in $carried do not join to the checkpoint their sha256 names; stage failed" \
+    mkdir -p "$logdir/carried"  # train_images.py writes into its checkpoint's folder: a run folder of its own
+    cat "$carried"/*ckpt.pt.part-* >"$logdir/carried/ckpt.pt"
+    cp "$carried"/events.out.tfevents.* "$logdir/carried/" 2>/dev/null  # the earlier sessions' curves, if carried
+    if [ "$(sha256sum <"$logdir/carried/ckpt.pt" | cut -d' ' -f1)" != \
+         "$(cut -d' ' -f1 "$carried"/*ckpt.pt.sha256 2>/dev/null)" ]; then
+      echo "=== $tag: error: the pieces in $carried do not join to the checkpoint their sha256 names; stage failed" \
         | tee -a "$LOG"
-      echo "mnist sha256" >>"$EXITS"; return
+      echo "$tag sha256" >>"$EXITS"; RC=sha256; return
     fi
-    flags+=(--resume "$run/ckpt.pt")  # the checkpoint holds the rest of the run's settings
+    flags+=(--resume "$logdir/carried/ckpt.pt")  # the checkpoint holds the rest of the run's settings
   else
-    read -ra row <<<"${ROWS[$MNIST_ROW]}"
-    flags+=(--dataset mnist "${row[@]}" --logdir "$SCRATCH/runs" "${MNIST_NEW[@]}")
+    read -ra row <<<"${ROWS[$1]}"
+    flags+=(--dataset mnist "${row[@]}" --logdir "$logdir" "${MNIST_NEW[@]}")
   fi
-  [ "$TINY" = 1 ] && box=12  # stopped by its box mid-run, as on the GPU
+  [ "$TINY" = 1 ] && ((MNIST_EPOCHS > 1)) && box=12  # stopped by its box mid-run, as on the GPU
   # The box, 30 s before the budget ends, sends SIGTERM: train_images.py finishes its step, saves an exactly
   # resumable ckpt.pt and exits 143. SIGKILL comes 60 s later, so that a save has time.
-  GRACE=60 stage mnist "$box" "$PY" train_images.py "${flags[@]}"
+  GRACE=60 stage "$tag" "$box" "$PY" train_images.py "${flags[@]}"
   [ "$RC" = skipped ] && return
-  mkdir -p "$SCRATCH/pack/runs/gpu_suite_$TAG"
-  cp "$SCRATCH"/runs/*/events.out.tfevents.* "$SCRATCH/pack/runs/gpu_suite_$TAG/" 2>/dev/null
+  pack_events "$logdir" "gpu_suite_$tag"
   if [ "$RC" = 0 ]; then
-    echo "=== mnist: all 1,000 epochs done, Table 2 row in $RESULTS/images; nothing to carry: empty $carried" \
+    echo "=== $tag: all $MNIST_EPOCHS epochs done, Table 2 row in $RESULTS/images; nothing to carry: empty $carried" \
       | tee -a "$LOG"
     return
   fi
-  ckpts=("$SCRATCH"/runs/*/ckpt.pt)  # one run folder: $SCRATCH/runs was emptied at the start
+  [[ $RC == 124 || $RC == 143 ]] || return  # failed: its log says why; nothing is carried
+  ckpts=("$logdir"/*/ckpt.pt)  # one run folder: $SCRATCH/runs was emptied at the start
   if [ ! -f "${ckpts[0]}" ]; then
-    echo "=== mnist: error: no ckpt.pt was saved; nothing to carry" | tee -a "$LOG"
-    echo "mnist-pieces 1" >>"$EXITS"; return
+    echo "=== $tag: error: no ckpt.pt was saved; nothing to carry" | tee -a "$LOG"
+    echo "$tag-pieces 1" >>"$EXITS"; return
   fi
   pieces=$((($(stat -c %s "${ckpts[0]}") + 15 * 2 ** 20 - 1) / (15 * 2 ** 20)))
   if ((pieces > 5)); then  # the device tool returns 8 files: suite.log, suite.tgz, the sha256 and 5 pieces
-    echo "=== mnist: error: ${ckpts[0]} makes $pieces pieces of 15 MiB, more than 5; nothing to carry" | tee -a "$LOG"
-    echo "mnist-pieces 1" >>"$EXITS"; return
+    echo "=== $tag: error: ${ckpts[0]} makes $pieces pieces of 15 MiB, more than 5; nothing to carry" | tee -a "$LOG"
+    echo "$tag-pieces 1" >>"$EXITS"; return
   fi
-  split -b 15M "${ckpts[0]}" "$OUT/$TAG.ckpt.pt.part-"
-  echo "$(sha256sum <"${ckpts[0]}" | cut -d' ' -f1)  ckpt.pt" >"$OUT/$TAG.ckpt.pt.sha256"
-  echo "=== mnist: ${ckpts[0]} in $pieces pieces, $OUT/$TAG.ckpt.pt.{part-*,sha256}: copy them into" \
-    "ckpt/$TAG/ for the next session" | tee -a "$LOG"
-  echo "mnist-pieces 0" >>"$EXITS"
+  split -b 15M "${ckpts[0]}" "$OUT/$tag.ckpt.pt.part-"
+  echo "$(sha256sum <"${ckpts[0]}" | cut -d' ' -f1)  ckpt.pt" >"$OUT/$tag.ckpt.pt.sha256"
+  echo "=== $tag: ${ckpts[0]} in $pieces pieces, $OUT/$tag.ckpt.pt.{part-*,sha256}: copy them into ckpt/$tag/ for" \
+    "the next session" | tee -a "$LOG"
+  echo "$tag-pieces 0" >>"$EXITS"
 }
 
-celeba() {  # the CelebA rows one after the other, each in its share of the budget left; Table 2 rows when they finish
-  local rows i row
-  read -ra rows <<<"$CELEBA_ROWS"
-  for i in "${!rows[@]}"; do
-    read -ra row <<<"${ROWS[${rows[i]}]}"
-    stage "celeba-${rows[i]}" $(((BUDGET - RESERVE - SECONDS) / (${#rows[@]} - i))) "$PY" train_images.py \
-      --dataset celeba "${row[@]}" --data-dir "$CELEBA_DIR" "${CELEBA[@]}" --device "$DEVICE" \
-      --logdir "$SCRATCH/runs_celeba" --out "$RESULTS/images"
+mnist() {  # the rows one after the other; one the budget stopped is carried, and the rows after it wait
+  local name stopped=""
+  for name in $MNIST_ROW; do
+    if [ -n "$stopped" ]; then skip "mnist_$name" "the budget stopped mnist_$stopped before it"; continue; fi
+    mnist_row "$name"
+    [[ $RC == 124 || $RC == 143 ]] && stopped=$name
   done
 }
 
@@ -167,18 +200,20 @@ want train && stage train 200 "$PY" bench/bench_train.py "${TRAIN[@]}" --device 
   --out "$RESULTS/bench_train.md"
 
 # --- concurrently: no timings are taken from here on ---
-if want 2d; then
-  two_d & background=$!
-  echo "=== 2d runs in the background, concurrently with:$(want tests && echo -n ' tests')$(want mnist &&
-    echo -n ' mnist'); its log follows theirs" | tee -a "$LOG"
-fi
+background=() names=""
+if want 2d; then two_d & background+=($!) names+=" 2d"; fi
+if want celeba && has_data celeba "$CELEBA_DIR" "$CELEBA_DIR/img_align_celeba" "$CELEBA_DIR/list_eval_partition.txt"
+then celeba & background+=($!) names+=" celeba"; fi
+[ -n "$names" ] && echo "=== in the background:$names; their logs follow the others" | tee -a "$LOG"
 if want tests; then
   if [ "$TINY" = 1 ]; then skip tests "TINY=1: without a GPU every test would skip"
   else stage tests 120 "$PY" -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider; fi
 fi
-want mnist && mnist
-want celeba && celeba
-want 2d && { wait "$background"; cat "$BG_LOG" >>"$LOG"; }
+want mnist && has_data mnist "$MNIST_DIR" "$MNIST_DIR" && mnist
+((${#background[@]})) && wait "${background[@]}"
+for log in 2d $(for name in $CELEBA_ROWS; do echo "celeba-$name"; done); do
+  [ -f "$SCRATCH/logs/$log.log" ] && cat "$SCRATCH/logs/$log.log" >>"$LOG"
+done
 
 # --- pack: what the stages wrote, with the paths it has in the repository ---
 (cd "$(dirname "$RESULTS")" && find "$(basename "$RESULTS")" -type f -newer "$SCRATCH/started" \
@@ -188,9 +223,9 @@ echo "=== packed $OUT/suite.tgz: $(tar tzf "$OUT/suite.tgz" | grep -vc /$) files
   | tee -a "$LOG"
 
 failed=0 summary=""
-while read -r name rc; do  # mnist's time box ends it by design: 124 from timeout (143 if its own SIGTERM)
+while read -r name rc; do  # an MNIST row's time box ends it by design: 124 from timeout (143 if its own SIGTERM)
   summary+=" $name=$rc"
-  [[ $rc == 0 || $rc == skipped || ($name == mnist && ($rc == 124 || $rc == 143)) ]] || failed=1
+  [[ $rc == 0 || $rc == skipped || ($name == mnist_* && ($rc == 124 || $rc == 143)) ]] || failed=1
 done <"$EXITS"
 echo "=== summary after $SECONDS s:$summary; $( ((failed)) && echo 'a stage failed' || echo 'all that ran succeeded')" \
   | tee -a "$LOG"

@@ -20,7 +20,8 @@ MIB = 2**20
 def suite(folder, mnist, *stages, **env):
     """bench/gpu_suite.sh TINY=1 with its output, scratch and carried checkpoint in `folder`."""
     env = {**os.environ, "TINY": "1", "PYTHON": sys.executable, "OUT": str(folder / "out"),
-           "SCRATCH": str(folder / "scratch"), "CKPT_DIR": str(folder / "ckpt"), "MNIST_DIR": str(mnist), **env}
+           "SCRATCH": str(folder / "scratch"), "CKPT_DIR": str(folder / "ckpt"), "MNIST_DIR": str(mnist),
+           "CELEBA_DIR": str(folder / "no_celeba"), **env}
     return subprocess.run(["bash", "bench/gpu_suite.sh", *stages], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=env)
 
@@ -66,7 +67,7 @@ def first_session(tmp_path_factory):
     folder = tmp_path_factory.mktemp("first")
     mnist = write_tiny_mnist(folder / "mnist")
     before = results_listing()
-    result = suite(folder, mnist)
+    result = suite(folder, mnist, MNIST_ROW="learned fixed")
     return folder, mnist, result, before
 
 
@@ -75,10 +76,13 @@ def test_every_stage_runs_packs_and_leaves_results_alone(first_session):
     out = folder / "out"
     log = (out / "suite.log").read_text()
     assert result.returncode == 0, log[-3000:]
-    assert exits(log) == {"env": 0, "nll": 0, "train": 0, "mnist": 124, "2d": 0}, log[-3000:]  # mnist: its box
+    assert exits(log) == {"env": 0, "nll": 0, "train": 0, "mnist_learned": 124, "2d": 0}, log[-3000:]  # its box
     assert "=== tests: skipped" in log and "all that ran succeeded" in log.splitlines()[-1]
-    assert "train_images.py --epochs 1000" in log and "--dataset mnist --sigma learned" in log  # MNIST_ROW's default
-    assert log.index("=== mnist: exit") < log.index("=== 2d (time box")  # the background stage's lines come after
+    assert re.search(r"^=== celeba: skipped, no .*no_celeba/img_align_celeba \(carry .* to run it\)$", log, re.M)
+    assert "train_images.py --epochs 1000" in log and "--dataset mnist --sigma learned" in log
+    # The row after one that the budget stopped waits for the next session: only one is ever carried.
+    assert "=== mnist_fixed: skipped, the budget stopped mnist_learned before it" in log
+    assert log.index("=== mnist_learned: exit") < log.index("=== 2d (time box")  # background lines come after
     packed = members(out)
     for name in ["results/bench_nll.md", "results/bench_train.md", "results/2d/tiny/table1.md"]:
         assert name in packed, sorted(packed)
@@ -101,7 +105,7 @@ def test_the_next_session_resumes_the_carried_checkpoint(first_session, tmp_path
     out = tmp_path / "out"
     log = (out / "suite.log").read_text()
     assert result.returncode == 0, log[-3000:]
-    assert exits(log) == {"mnist": 124} and "--resume" in log
+    assert exits(log) == {"mnist_learned": 124} and "--resume" in log
     first = load_checkpoint(folder / "joined.pt")
     assert f"step {first['step'] + 1}:" in log  # the resumed run logs its first step, the one after the checkpoint
     assert joined_checkpoint(out, tmp_path / "joined.pt")["step"] > first["step"]
@@ -117,12 +121,12 @@ def test_a_damaged_piece_fails_the_mnist_stage_with_one_line(first_session, tmp_
     (carried / "mnist_learned.ckpt.pt.part-ab").write_bytes(piece)
     result = suite(tmp_path, mnist, "mnist")
     assert result.returncode == 1
-    assert re.search(r"^=== mnist: error: the pieces in .* do not join to the checkpoint their sha256 names",
+    assert re.search(r"^=== mnist_learned: error: the pieces in .* do not join to the checkpoint their sha256 names",
                      result.stdout, re.M), result.stdout
-    assert "mnist=sha256" in result.stdout and not pieces(tmp_path / "out")
+    assert "mnist_learned=sha256" in result.stdout and not pieces(tmp_path / "out")
 
 
-def test_celeba_rows_train_one_after_the_other_and_record_table_2(tmp_path):
+def test_celeba_rows_train_side_by_side_and_record_table_2(tmp_path):
     data = tmp_path / "celeba"
     tiny_celeba(data, splits=(0,) * 32 + (2,) * 4)
     result = suite(tmp_path, tmp_path, "celeba", CELEBA_DIR=str(data), CELEBA_ROWS="fixed warmstart")
@@ -130,15 +134,38 @@ def test_celeba_rows_train_one_after_the_other_and_record_table_2(tmp_path):
     assert result.returncode == 0, log[-3000:]
     assert exits(log) == {"celeba-fixed": 0, "celeba-warmstart": 0}
     assert "--sigma learned --lv-warmup 9360" in log
+    packed = members(tmp_path / "out")
+    for row in ("fixed", "warmstart"):
+        assert any(name.startswith(f"runs/gpu_suite_celeba_{row}/events.out.tfevents.") for name in packed)
     with tarfile.open(tmp_path / "out" / "suite.tgz") as archive:
         table = archive.extractfile("results/images/table2.md").read().decode()
-    assert table.count("| celeba |") == 2, table
+        records = archive.extractfile("results/images/runs.jsonl").read().decode()
+    # Both processes append to runs.jsonl and rewrite table2.md from it: neither row may be lost.
+    assert table.count("| celeba |") == 2 and len(records.splitlines()) == 2, table
+    assert sorted(path.name for path in data.iterdir()) == ["img_align_celeba", "list_eval_partition.txt"]  # as carried
+
+
+def test_mnist_rows_that_finish_run_one_after_the_other(tmp_path):
+    mnist = write_tiny_mnist(tmp_path / "mnist")
+    result = suite(tmp_path, mnist, "mnist", MNIST_ROW="fixed optimal", MNIST_EPOCHS="1")
+    out = tmp_path / "out"
+    log = (out / "suite.log").read_text()
+    assert result.returncode == 0, log[-3000:]
+    assert exits(log) == {"mnist_fixed": 0, "mnist_optimal": 0}, log[-3000:]
+    assert "=== mnist_optimal: all 1 epochs done" in log and not list(out.glob("*.ckpt.pt.*"))  # nothing to carry
+    with tarfile.open(out / "suite.tgz") as archive:
+        table = archive.extractfile("results/images/table2.md").read().decode()
+    assert table.count("| mnist |") == 2, table
 
 
 def test_unknown_stage_and_spent_budget(tmp_path):
     result = suite(tmp_path, tmp_path, "env", "gpu")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        "gpu_suite.sh: no stage 'gpu'; stages: env nll train tests 2d mnist celeba"]
+        "gpu_suite.sh: no stage 'gpu'; stages: env nll train tests 2d celeba mnist"]
+    # A stage named without its data fails with one line that says what to carry.
+    result = suite(tmp_path, tmp_path / "absent", "mnist")
+    assert result.returncode == 1 and re.search(r"^=== mnist: error: no .*absent; carry .*absent to the device",
+                                                 result.stdout, re.M), result.stdout
     result = suite(tmp_path, tmp_path, "mnist", MNIST_ROW="lv")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "gpu_suite.sh: no Table 2 row 'lv'; rows: fixed learned-scalar learned warmstart optimal discretized"]

@@ -10,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -73,7 +74,8 @@ def test_one_training_step_per_sigma_mode(dataset, sigma):
     optimizer = torch.optim.Adam(list(model.parameters()) + list(obs.parameters()), lr=1e-3)
     for likelihood in ["continuous", "discretized"]:
         args.likelihood = likelihood
-        recon_nll, kl, elbo, (mean, log_sigma) = elbo_terms(model, obs, x, event_dims=3, nll=train_images.likelihood(args))
+        nll = train_images.likelihood(args)
+        recon_nll, kl, elbo, (mean, log_sigma) = elbo_terms(model, obs, x, event_dims=3, nll=nll)
         assert mean.shape == x.shape and recon_nll.shape == kl.shape == (2,)
         assert torch.isfinite(elbo).all()
         optimizer.zero_grad()
@@ -96,8 +98,8 @@ def run(args, cwd=ROOT, timeout=600, env=None):
 
 def tiny_flags(tmp_path, data):
     return ["--data-dir", str(data), "--batch-size", "64", "--eval-images", "32", "--iwae-k", "3",
-            "--iwae-images", "8", "--log-every", "1", "--logdir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
-            "--device", "cpu"]
+            "--iwae-images", "8", "--log-every", "1", "--logdir", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "out"), "--device", "cpu"]
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -139,6 +141,25 @@ def test_end_to_end_writes_table_and_figures(tmp_path):
     for name in ["mnist_fixed_continuous", "mnist_learned_continuous", "mnist_learned_discretized"]:
         for kind in ["reconstructions", "generations"]:
             assert (out / f"{name}_{kind}.png").stat().st_size > 500
+
+
+@pytest.mark.skipif(train_images.fcntl is None, reason="file locks are POSIX")
+def test_runs_that_finish_together_take_turns_at_table_2(tmp_path):
+    """A run holding runs.jsonl's lock (another Table 2 row finishing) makes the next wait, so that the table
+    rewritten last has both rows."""
+    with open(os.path.join(ROOT, "results", "images", "runs.jsonl")) as f:
+        record = json.loads(f.readline())  # a real record, as record_run writes it
+    with open(tmp_path / "runs.jsonl", "a") as held:
+        train_images.fcntl.flock(held, train_images.fcntl.LOCK_EX)
+        waiting = threading.Thread(target=train_images.append_run, args=(str(tmp_path), record))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and (tmp_path / "runs.jsonl").read_text() == ""
+        assert not (tmp_path / "table2.md").exists()
+        held.write(json.dumps(record) + "\n")
+    waiting.join(10)
+    assert not waiting.is_alive() and len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "table2.md").read_text().count(f"| {record['dataset']} |") == 2
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -330,7 +351,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path):
         load_checkpoint(leftover)
 
 
-# --- precision and compile flags: on the CPU here, without CUDA graphs; bf16 is emulated on this CPU, hence tiny runs ---
+# --- precision and compile flags: on the CPU here, without CUDA graphs; bf16 is emulated on this CPU: tiny runs ---
 
 
 def final_nats(out):
@@ -474,7 +495,8 @@ def test_eval_every_evaluates_and_saves_on_its_epochs_and_the_last(tmp_path):
     data = write_tiny_mnist(tmp_path / "mnist", n_train=64)
     result = run(["--epochs", "3", "--eval-every", "2", *tiny_flags(tmp_path, data)])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [line.split(":")[0] for line in result.stdout.splitlines() if ": test ELBO" in line] == ["epoch 2", "epoch 3"]
+    evaluated = [line.split(":")[0] for line in result.stdout.splitlines() if ": test ELBO" in line]
+    assert evaluated == ["epoch 2", "epoch 3"]
     assert only_checkpoint(tmp_path)["epoch"] == 3
 
 

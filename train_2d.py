@@ -25,6 +25,7 @@ import argparse
 import math
 import os
 import re
+import signal
 import sys
 import time
 
@@ -219,6 +220,7 @@ def draw_batches(generators, steps, args, device):
 CHUNK_STEPS = 250  # batches drawn per copy to the device; also how often the host reads the NaN record
 GRAPH_WARMUP_STEPS = 3  # --cuda-graphs: eager steps before the step is recorded (the PyTorch docs' recipe)
 FOLD_PROBE_EVERY = 5  # steps between two looks at what the LV rows' latent encodes, until --lv-warmup + 500
+SIGNALS = []  # SIGINT or SIGTERM received: training stops after its step, and what it trained is evaluated and written
 # --lv-handover settled: every SETTLE_WINDOW steps, a warm-start member hands over once the running averages (time
 # constant SETTLE_AVERAGE steps) of its training reconstruction NLL and KL have both moved by less than SETTLE_TOLERANCE
 # nats per point over the window (first look at step 2 x SETTLE_WINDOW + 1). Chosen once, before any run: a window of a
@@ -326,6 +328,7 @@ class Ensemble:
         self.graphed_step = CUDAGraphStep(self.step_terms, GRAPH_WARMUP_STEPS,
                                           lambda: self.optimizer.zero_grad(set_to_none=True)) \
             if on_gpu and args.cuda_graphs != "off" else None
+        self.steps_trained = 0  # set by train(): fewer than --steps if a signal stopped it
 
     def group(self, name):
         return self.obs.models[self.names.index(name)]
@@ -429,7 +432,12 @@ def train(ensembles, data_seeds, args, device, phase):
     has_ls = any("LS-VAE" in ens.names for ens in ensembles)
     ls_log_sigma = torch.zeros(args.steps, len(data_seeds), device=device) if has_ls else None
     progress = tqdm(range(1, args.steps + 1), desc=phase, mininterval=2, unit="step", file=sys.stdout)
+    steps_done = args.steps
     for step in progress:
+        if SIGNALS:  # a stop was asked for: end here, with what the steps so far trained
+            steps_done = step - 1
+            progress.close()
+            break
         if (step - 1) % CHUNK_STEPS == 0:
             for ens in ensembles:
                 ens.check_finite(step - CHUNK_STEPS, CHUNK_STEPS if step > 1 else 0, args)
@@ -458,9 +466,13 @@ def train(ensembles, data_seeds, args, device, phase):
                     if name in fold:
                         fold[name]["step"].append(step)
                         fold[name]["corr"].append(corr)
-    last_chunk = (args.steps - 1) % CHUNK_STEPS + 1
+    if not next(iter(history.values()))["step"]:
+        raise SystemExit(f"train_2d: stopped at step {steps_done} of {phase}, before the first record (every "
+                         f"--log-every {args.log_every} steps); nothing written")
+    last_chunk = (steps_done - 1) % CHUNK_STEPS + 1
     for ens in ensembles:
-        ens.check_finite(args.steps - last_chunk + 1, last_chunk, args)
+        ens.check_finite(steps_done - last_chunk + 1, last_chunk, args)
+        ens.steps_trained = steps_done
     history = {name: {key: np.array(v) if key == "step" else torch.stack(v).cpu().numpy() for key, v in h.items()}
                for name, h in history.items()}
     for name, f in fold.items():
@@ -470,7 +482,7 @@ def train(ensembles, data_seeds, args, device, phase):
             if isinstance(obs, WarmStartSigma):  # -1: never handed over
                 history[name]["handover_step"] = obs.handover_step.cpu().numpy()
     write_tensorboard(history, {name: torch.stack(v).cpu() for name, v in lv_log_sigma.items()}, data_seeds, args)
-    return history, (ls_log_sigma.cpu() if has_ls else None)
+    return history, (ls_log_sigma[:steps_done].cpu() if has_ls else None)
 
 
 def write_tensorboard(history, lv_log_sigma, data_seeds, args):
@@ -532,6 +544,8 @@ def main(args):
     print(f"train_2d: preset {args.preset}, data {args.data}: {args.seeds} seeds x {args.steps} steps, ResNets of "
           f"{args.blocks} blocks of {args.hidden} units (paper: {PRESETS['paper']}), on {hardware(device)}")
     started = time.time()
+    for number in (signal.SIGINT, signal.SIGTERM):  # the first stops training after its step; a second, at once
+        signal.signal(number, lambda number, frame: (SIGNALS.append(number), signal.signal(number, signal.SIG_DFL)))
 
     # Phase 1: the rows that need nothing from another row, as one ensemble (one set of kernels per step).
     groups = [(f"F-VAE sigma={s:g}", FixedSigma(torch.full((len(seeds), 1, 1), s)))
@@ -551,9 +565,9 @@ def main(args):
     # Phase 2: rows that take sigma from LS-VAE of the same seed, from other initial weights and data (seed + 10000):
     # with LS's own weights and batches, replaying its sigma(t) would retrace LS-VAE exactly, proving nothing.
     late_groups = []
-    if "Fstar" in args.settings:
+    if "Fstar" in args.settings and not SIGNALS:
         late_groups.append(("F*-VAE", FixedSigma(ensembles[0].group("LS-VAE").log_sigma.detach().exp().cpu())))
-    if "Fsched" in args.settings:
+    if "Fsched" in args.settings and not SIGNALS:
         late_groups.append(("F-sched", ScheduledSigma(ls_schedule.reshape(len(ls_schedule), -1, 1, 1))))
     if late_groups:
         late_seeds = [seed + 10000 for seed in seeds]
@@ -570,17 +584,32 @@ def main(args):
         results.update(evaluate(ens, x_eval.to(device), args))
     data_log_p = data_log_density(x_eval, args.data)
     write_table(args, results, history, data_log_p, command, hardware(device), train_seconds, phase_seconds,
-                time.time() - started)
+                time.time() - started, stopped_early(ensembles, args))
 
     # --- figures ---
     write_figures(args, ensembles, history, x_eval, u_eval, command)
     print(f"wrote {args.out}/table1.md and figures in {time.time() - started:.0f} s")
+    if stopped_early(ensembles, args):  # the shell's convention for a run a signal ended
+        print(f"train_2d: {stopped_early(ensembles, args)}; exit {128 + SIGNALS[0]}")
+        sys.exit(128 + SIGNALS[0])
+
+
+def stopped_early(ensembles, args):
+    """What a stop signal cut short; '' if none came, or if training was complete when it came."""
+    cut = [(phase, ens.steps_trained) for phase, ens in enumerate(ensembles, 1) if ens.steps_trained < args.steps]
+    skipped = len(ensembles) < 2 and {"Fstar", "Fsched"} & set(args.settings)  # phase 2 never started
+    if not SIGNALS or not (cut or skipped):
+        return ""
+    where = f"at step {cut[0][1]} of {args.steps} of phase {cut[0][0]}" if cut else "after phase 1"
+    return f"stopped by {signal.Signals(SIGNALS[0]).name} {where}" + (
+        ", before phase 2 (F*-VAE, F-sched)" if skipped else "")
 
 
 # --- Table 1 ---
 
 
-def write_table(args, results, history, data_log_p, command, machine, train_seconds, phase_seconds, total_seconds):
+def write_table(args, results, history, data_log_p, command, machine, train_seconds, phase_seconds, total_seconds,
+                stopped=""):
     half_log_2pi_d = math.log(2 * math.pi)  # D/2 log 2pi with D = 2: the constant the paper's ELBO leaves out
     ls_sigma = history["LS-VAE"]["log_sigma"] if "LS-VAE" in history else None
     lines = [
@@ -594,6 +623,8 @@ def write_table(args, results, history, data_log_p, command, machine, train_seco
         f"{train_seconds / 60:.1f} min ({' + '.join(f'{s / 60:.1f}' for s in phase_seconds)} for phases 1 and 2); "
         f"everything with evaluation and figures {total_seconds / 60:.1f} min.",
         "",
+        *([f"**Not the protocol above: {stopped}.** Every row is evaluated as the steps it trained left it.", ""]
+          if stopped else []),
         f"ELBO: one-sample ELBO in nats per point, averaged over {args.eval_points} fresh points (the same points for "
         f"every model), every normalising constant included. IWAE-{args.iwae_k}: the importance-weighted bound on the "
         f"first {args.iwae_points} of them. Mean ± std over seeds, and each seed's ELBO in seed order. Higher is "
@@ -738,7 +769,6 @@ def write_figures(args, ensembles, history, x_eval, u_eval, command):
         ax_elbo.legend(fontsize=8)
         fig.tight_layout(rect=(0, 0.03, 1, 1))
         save_figure(fig, f"{out}/fig10_ls_sigma.png", command)
-
 
     # Fig. 11 (ours): what the main latent of the LV rows encodes along training, every seed.
     names = [name for name in ["LV-VAE", "LV-VAE, warm start"] if name in history]

@@ -1,6 +1,9 @@
 """train_2d.py: the batched ensemble, the learned sigma's dynamics, the data, the command line, end to end."""
 
 import math
+import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -115,6 +118,39 @@ def test_a_non_finite_loss_stops_the_run_naming_step_row_and_seed(tmp_path):
     assert result.returncode == 1
     assert "non-finite loss at step 1 in F-VAE sigma=1e-30 (seed 0)" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out" / "table1.md").exists()
+
+
+def stop_once_trained(tmp_path, steps_before_stop, *extra):
+    """train_2d.py started for 100,000 steps, sent SIGTERM once its progress bar shows steps_before_stop steps."""
+    process = subprocess.Popen(
+        [sys.executable, "train_2d.py", "--steps", "100000", "--seeds", "2", "--hidden", "8", "--blocks", "1",
+         "--settings", "F", "LS", "Fstar", "--fixed-sigmas", "0.1", "--eval-points", "200", "--iwae-points", "20",
+         "--iwae-k", "5", "--out", str(tmp_path / "out"), "--logdir", str(tmp_path / "runs"), *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output = b""
+    while not any(int(done) >= steps_before_stop for done in re.findall(rb"(\d+)/100000", output)):
+        chunk = os.read(process.stdout.fileno(), 4096)  # tqdm redraws with \r: read what comes, not lines
+        assert chunk, output.decode()[-2000:]
+        output += chunk
+    process.send_signal(signal.SIGTERM)
+    output += process.stdout.read()
+    return process.wait(timeout=300), output.decode()
+
+
+def test_sigterm_stops_training_and_writes_what_it_trained_marked_as_cut_short(tmp_path):
+    returncode, output = stop_once_trained(tmp_path, 20, "--log-every", "5")
+    assert returncode == 128 + signal.SIGTERM, output[-2000:]
+    stopped = re.search(r"stopped by SIGTERM at step (\d+) of 100000 of phase 1, before phase 2 \(F\*-VAE, F-sched\)",
+                        output)
+    assert stopped and int(stopped[1]) >= 20, output[-2000:]
+    table = (tmp_path / "out" / "table1.md").read_text()
+    assert f"**Not the protocol above: {stopped[0]}.**" in table
+    assert "| F-VAE sigma=0.1 |" in table and "| LS-VAE |" in table and "F*-VAE |" not in table
+    assert (tmp_path / "out" / "fig10_ls_sigma.png").exists()
+    # Stopped before anything was recorded, it writes nothing and says so.
+    returncode, output = stop_once_trained(tmp_path / "early", 1, "--log-every", "100000")
+    assert returncode == 1 and "before the first record (every --log-every 100000 steps); nothing written" in output
+    assert not (tmp_path / "early" / "out").exists()
 
 
 def test_data_log_density_matches_the_tube_approximation():

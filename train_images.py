@@ -591,7 +591,9 @@ def write_table2(out):
         "floor sigma >= 0.0025 (log sigma >= -6): continuous per-pixel figures measure how far sigma fell to it. "
         "sigma-VAE is evaluated with sigma^2 = its final model's mean squared error on the training images (runs "
         "recorded before 2026-11-27 used a running average of the batch MSE, which lags the model). Wall time: the "
-        "whole run, final evaluation included (training alone in brackets, where recorded).",
+        "whole run, final evaluation included (training alone in brackets, where recorded). Gap: the same one-sample "
+        "ELBO on as many training images as test images, minus the test ELBO: how much better the model fits the "
+        "images it trained on (n/a: recorded before the gap was measured).",
         "",
         "Which convention is the paper's? With every constant included, sigma^2 = 1/2 (the MSE) caps the density at "
         "-0.5 log2(pi) = -0.83 bits/pixel, so the paper's F-VAE MNIST value, +0.06, cannot include them all. Its "
@@ -601,8 +603,9 @@ def write_table2(out):
         "",
         "| dataset | setting | likelihood | epochs | train images | ELBO, Table-2 bits/pixel | IWAE-k, Table-2 "
         "bits/pixel | ELBO, Table-2 bits/pixel, no 0.5 log 2pi | ELBO, 8-bit bits/dim | IWAE-k, 8-bit bits/dim "
-        "| k, images | final sigma | wall time | hardware | the paper's Table 2 value (paper's number) | command |",
-        "|" + "---|" * 16,
+        "| gap: ELBO on training images - test ELBO, nats/image | k, images | final sigma | wall time | hardware "
+        "| the paper's Table 2 value (paper's number) | command |",
+        "|" + "---|" * 17,
     ]
     for run in runs:
         final, iwae = run["final"], run["iwae"]
@@ -610,11 +613,13 @@ def write_table2(out):
         table2 = final["table2_bits_per_pixel"]
         without_2pi = None if table2 is None else table2 + 0.5 * math.log2(2 * math.pi)
         wall = f"{run['wall_minutes']:.1f} min" + (f" ({run['train_minutes']:.1f})" if "train_minutes" in run else "")
+        gap = run["final_train"]["nats_per_image"] - final["nats_per_image"] if "final_train" in run else None
         lines.append(
             f"| {run['dataset']} | {setting} | {run['likelihood']} "
             f"| {run['epochs']} | {run['train_images']} | {fmt(final['table2_bits_per_pixel'])} "
             f"| {fmt(iwae['table2_bits_per_pixel'])} | {fmt(without_2pi)} | {fmt(final['bits_per_dim_8bit'])} "
-            f"| {fmt(iwae['bits_per_dim_8bit'])} | {run['iwae_k']}, {run['iwae_images']} | {run['sigma_summary']} "
+            f"| {fmt(iwae['bits_per_dim_8bit'])} | {fmt(gap)} | {run['iwae_k']}, {run['iwae_images']} "
+            f"| {run['sigma_summary']} "
             f"| {wall} | {run['hardware']} | {paper_value(run)} | `{run['command']}` |")
     write_file_atomically(os.path.join(out, "table2.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
@@ -709,8 +714,8 @@ def announce(args, model, train_pixels, test_pixels, steps_per_epoch, eval_image
           f"{steps_per_epoch} steps of {args.batch_size * world_size} an epoch{processes}, on {hardware(device)}; "
           f"run {run_dir}")
     twice = ", each bound also dequantized" if args.likelihood == "continuous" else ""
-    print(f"train_images: evaluation every {args.eval_every} epoch(s): the ELBO of {eval_images} test images; at the "
-          f"end, in fp32: the ELBO of {eval_images} and IWAE-{args.iwae_k} of {iwae_images} images "
+    print(f"train_images: evaluation every {args.eval_every} epoch(s): the ELBO of {eval_images} test images and as "
+          f"many training images; at the end, in fp32: the same, and IWAE-{args.iwae_k} of {iwae_images} test images "
           f"({args.iwae_k * iwae_images:,} decoder passes{twice}); --eval-images and --iwae-images change this")
 
 
@@ -873,16 +878,20 @@ def main(args):
                     set_optimal_sigma(model, obs, train_pixels, args, device)
                 test = evaluate(model, obs, test_pixels, args, device, images=eval_images, bf16=args.dtype == "bf16",
                                 desc=f"evaluating epoch {epoch + 1}")
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # training noise as is
+                    seen = evaluate(model, obs, train_pixels, args, device, images=eval_images,
+                                    bf16=args.dtype == "bf16", desc=f"evaluating epoch {epoch + 1}, training images")
             if rank == 0:
-                for key, value in test.items():
-                    if value is not None:
-                        writer.add_scalar(f"eval/{key}", value, step)
+                for prefix, values in [("eval", test), ("eval_train", seen)]:  # test images; as many training ones
+                    for key, value in values.items():
+                        if value is not None:
+                            writer.add_scalar(f"{prefix}/{key}", value, step)
                 grids, log_sigma = figures(model, obs, test_pixels, device, torch.Generator(device).manual_seed(0))
                 for tag, grid in zip(FIGURE_TAGS, grids.values()):
                     writer.add_image(f"eval/{tag}", grid, step, dataformats="HWC")
                 log_sigma_stats(writer, "eval", log_sigma, step)
-                print(f"epoch {epoch + 1}: test ELBO {test['nats_per_image']:.2f} nats/image, "
-                      f"8-bit {test['bits_per_dim_8bit']:.3f} bits/dim")
+                print(f"epoch {epoch + 1}: test ELBO {test['nats_per_image']:.2f} nats/image (on as many training "
+                      f"images: {seen['nats_per_image']:.2f}), 8-bit {test['bits_per_dim_8bit']:.3f} bits/dim")
             last_checkpoint = save(epoch + 1, 0, data_generator.get_state())
         sync(epoch + 1, f"epoch {epoch + 1}", 0, data_generator.get_state())
     train_seconds = seconds_before + time.time() - started
@@ -892,12 +901,14 @@ def main(args):
     final = evaluate(model, obs, test_pixels, args, device, images=eval_images, generator=generator, desc="final ELBO")
     iwae = evaluate(model, obs, test_pixels, args, device, k=args.iwae_k, images=iwae_images, generator=generator,
                     desc=f"final IWAE-{args.iwae_k}")
+    seen = evaluate(model, obs, train_pixels, args, device, images=eval_images, generator=generator,
+                    desc="final ELBO, training images")  # the same bound on as many training images: the gap
     if rank == 0:
         writer.close()
         record = dict(train_images=len(train_pixels), iwae_images=iwae_images, train_minutes=train_seconds / 60,
                       wall_minutes=(seconds_before + time.time() - started) / 60, processes=world_size,
                       hardware=hardware(device) if world_size == 1 else f"{world_size} x {hardware(device)}",
-                      command=command, run_dir=inside_repository(run_dir))
+                      command=command, run_dir=inside_repository(run_dir), final_train=seen)
         record_run(args, model, obs, test_pixels, final, iwae, record, args.out or run_dir, device)
 
 

@@ -546,6 +546,9 @@ def test_a_run_writes_into_its_own_folder_and_records_a_relative_command(short_r
     assert {"table2.md", "runs.jsonl", "mnist_learned_continuous_generations.png"} <= set(os.listdir(run_dir))
     (record,) = [json.loads(line) for line in (run_dir / "runs.jsonl").read_text().splitlines()]
     assert record["command"].startswith("python train_images.py --epochs 2 ")
+    # The generalisation gap: the same one-sample ELBO on 32 training images, minus the test ELBO.
+    gap = record["final_train"]["nats_per_image"] - record["final"]["nats_per_image"]
+    assert math.isfinite(gap) and f"| {gap:.3f} | 50, 32 |" in (run_dir / "table2.md").read_text()
     assert f"--data-dir {data}" in record["command"]  # outside the repository: stays absolute
     root = "/home/user/vae"
     command = train_images.command_line("python", [f"{root}/train_images.py", "--data-dir", f"{root}/data/mnist",
@@ -565,6 +568,7 @@ def test_a_short_run_logs_its_first_step_and_every_epoch_to_tensorboard(short_ru
     assert [event.step for event in events.Scalars("train/elbo")] == [1, 3, 6]  # 3 steps an epoch, --log-every 50
     assert [event.step for event in events.Scalars("charts/images_per_sec")] == [1, 3, 6]
     assert [event.step for event in events.Histograms("eval/log_sigma")] == [3, 6]
+    assert [event.step for event in events.Scalars("eval_train/nats_per_image")] == [3, 6]  # the training images'
     assert {"eval/reconstructions", "eval/generated_samples"} <= set(events.Tags()["images"])
 
 

@@ -468,13 +468,15 @@ def set_optimal_sigma(model, obs, train_pixels, args, device):
 def evaluate(model, obs, test_pixels, args, device, k=1, images=None, generator=None, bf16=False, desc=None):
     """Test-split bounds in both conventions. k = 1: the one-sample ELBO; k > 1: the IWAE-k bound. bf16: the networks
     under bf16 autocast (the per-epoch figures; ConvVAE keeps the output layer and the bounds in fp32). desc: the label
-    of a progress bar (rank 0). Under torchrun each rank evaluates its share and the sums are all-reduced."""
+    of a progress bar (rank 0). generator: every random number of the bounds comes from it (None: the global RNG).
+    Under torchrun each rank evaluates its share and the sums are all-reduced."""
     model.eval(), obs.eval()
     nll, pixels = likelihood(args, device), test_pixels[: images or len(test_pixels)]
     dims, n = pixels[0].numel(), len(pixels)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # table2, eight_bit; read once at the end (one sync)
-    bound = lambda data: iwae_bound(model, obs, data, k, generator, 3, nll) if k > 1 else \
-        elbo_terms(model, obs, data, event_dims=3, nll=nll)[2]
+    bound = lambda data: iwae_bound(model, obs, data, k, generator, 3, nll) if k > 1 else elbo_terms(
+        model, obs, data, event_dims=3, nll=nll, eps=None if generator is None else torch.randn(
+            len(data), model.latent_dim, generator=generator, device=device))[2]
     batches = my_share(pixels).split(max(1, args.batch_size * 4 // k))
     quiet = desc is None or (dist.is_initialized() and dist.get_rank() > 0)
     with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
@@ -878,9 +880,9 @@ def main(args):
                     set_optimal_sigma(model, obs, train_pixels, args, device)
                 test = evaluate(model, obs, test_pixels, args, device, images=eval_images, bf16=args.dtype == "bf16",
                                 desc=f"evaluating epoch {epoch + 1}")
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # training noise as is
-                    seen = evaluate(model, obs, train_pixels, args, device, images=eval_images,
-                                    bf16=args.dtype == "bf16", desc=f"evaluating epoch {epoch + 1}, training images")
+                seen = evaluate(model, obs, train_pixels, args, device, images=eval_images, bf16=args.dtype == "bf16",
+                                generator=torch.Generator(device).manual_seed(1 + rank),  # training noise untouched
+                                desc=f"evaluating epoch {epoch + 1}, training images")
             if rank == 0:
                 for prefix, values in [("eval", test), ("eval_train", seen)]:  # test images; as many training ones
                     for key, value in values.items():

@@ -584,7 +584,7 @@ def test_wall_time_includes_the_final_evaluation_and_the_evaluation_shows_progre
     (record,) = [json.loads(line) for line in (run_dir / "runs.jsonl").read_text().splitlines()]
     assert 0 < record["train_minutes"] < record["wall_minutes"]
     assert f"{record['wall_minutes']:.1f} min ({record['train_minutes']:.1f})" in (run_dir / "table2.md").read_text()
-    assert "IWAE-50 of 32 images (1,600 decoder passes" in result.stdout and "final IWAE-50" in result.stdout
+    assert "IWAE-50 of 32 test images (1,600 decoder passes" in result.stdout and "final IWAE-50" in result.stdout
 
 
 def test_sigma_vae_is_evaluated_with_the_training_mse_of_its_final_model(tmp_path):

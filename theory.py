@@ -4,8 +4,12 @@ With an ideal encoder and decoder the decoder means spread uniformly on a sphere
 
     p(x) ∝ exp(-r^2 / (2 sigma^2)) * int_0^pi sin^{D-2}(phi) exp(r R cos(phi) / sigma^2) dphi.
 
-The integral has a closed form, int_0^pi sin^{2nu}(phi) e^{k cos phi} dphi = sqrt(pi) Gamma(nu + 1/2) (2/k)^nu I_nu(k),
-nu = D/2 - 1, k = r R / sigma^2. Writing a = R/sigma, rho = r/sigma and 0F1(;b;y) = Gamma(b) y^{(1-b)/2} I_{b-1}(2 sqrt y),
+The integral has a closed form,
+
+    int_0^pi sin^{2nu}(phi) e^{k cos phi} dphi = sqrt(pi) Gamma(nu + 1/2) (2/k)^nu I_nu(k),   nu = D/2 - 1,
+    k = r R / sigma^2.
+
+Writing a = R/sigma, rho = r/sigma and 0F1(;b;y) = Gamma(b) y^{(1-b)/2} I_{b-1}(2 sqrt y),
 
     log p(x) = f(rho) + const,   f(rho) = -rho^2/2 + h(a^2 rho^2 / 4),   h(y) = log 0F1(; D/2; y),   f(0) = 0.
 
@@ -13,29 +17,31 @@ Exact threshold. 0F1(;b;y) = 1 + y/b + y^2/(2b(b+1)) + ..., so h(y) = 2y/D - 4y^
 
     f(rho) = (rho^2 / 2) (a^2/D - 1) - a^4 rho^4 / (4 D^2 (D+2)) + O(rho^6).
 
-r = 0 is a local maximum iff a^2 < D (the paper's second-order condition R < sigma sqrt(N)). The quartic term is negative,
-so the transition is continuous (a supercritical pitchfork: r* grows like sqrt(a - sqrt(D)), no jump); and since h is
-concave (log-concavity of 0F1, checked numerically here on every grid) f is concave in rho^2, so r = 0 is the *global*
-maximum for every a <= sqrt(D). The critical ratio is exactly R/sigma = sqrt(D): Theorem 1's sigma >= R/sqrt(D-1)
-holds but is not tight; the VAE also fails for sqrt(D-1) < R/sigma <= sqrt(D).
+r = 0 is a local maximum iff a^2 < D (the paper's second-order condition R < sigma sqrt(N)). The quartic term is
+negative, so the transition is continuous (a supercritical pitchfork: r* grows like sqrt(a - sqrt(D)), no jump); and
+since h is concave (log-concavity of 0F1, checked numerically here on every grid) f is concave in rho^2, so r = 0 is the
+*global* maximum for every a <= sqrt(D). The critical ratio is exactly R/sigma = sqrt(D): Theorem 1's
+sigma >= R/sqrt(D-1) holds but is not tight; the VAE also fails for sqrt(D-1) < R/sigma <= sqrt(D).
 
-A learned scalar sigma at the collapse sits exactly on the threshold (ours; it joins Theorem 1 to Sec. 3.3). Collapsed,
-the decoder means are the centre and p(x) = N(x; 0, sigma^2 I), whose maximum-likelihood sigma is sigma*^2 = E||x||^2 / D:
-on S_{D-1}(R), R/sigma* = sqrt(D), where the r^2 term of f vanishes. With every constant, for ||x|| = R,
+A learned scalar sigma at the collapse sits exactly on the threshold (ours; it joins Theorem 1 to Sec. 3.3).
+Collapsed, the decoder means are the centre and p(x) = N(x; 0, sigma^2 I), whose maximum-likelihood sigma is
+sigma*^2 = E||x||^2 / D: on S_{D-1}(R), R/sigma* = sqrt(D), where the r^2 term of f vanishes. With every constant,
+for ||x|| = R,
 
-    L(s, t) = log p(x) = -D t - (R^2 + s) e^{-2t} / 2 + h(s R^2 e^{-4t} / 4) - (D/2) log 2 pi,   s = r^2,  t = log sigma,
+    L(s, t) = log p(x) = -D t - (R^2 + s) e^{-2t} / 2 + h(s R^2 e^{-4t} / 4) - (D/2) log 2 pi,   s = r^2,
+    t = log sigma,
 
 and at (s, t) = (0, log sigma*): dL/ds = dL/dt = 0, d2L/ds2 = -1 / (2 (D+2) sigma*^4) (from h's y^2 term),
 d2L/dsdt = -1/sigma*^2, d2L/dt2 = -2D. The determinant, -2 / ((D+2) sigma*^4), is negative: the point is a saddle of
 (s, t), not a maximum. Its ascent direction lowers sigma as r grows: with sigma at its best for each r,
-t = log sigma* - r^2 / (2 D sigma*^2), L gains r^4 / (2 D (D+2) sigma*^4), and the force on r is 2 r^3 / (D (D+2) sigma*^4):
-third order, so an exact likelihood would leave the collapse only very slowly. A VAE maximises the ELBO, which lies
-below log p(x) by KL(q(z|x) || p(z|x)); near r = 0 the posterior tilts the prior by an amount of order r R / sigma^2,
-in a shape (a von Mises tilt of the angle of z) that a Gaussian q(z|x) cannot follow, so the gap is of order r^2 and
-outweighs the r^4 gain: on the ELBO the collapsed point with sigma = R/sqrt(D) is a maximum in (r, sigma), and a
-learned scalar sigma started above R/sqrt(D) (sigma = 1 on the unit circle) collapses and stays there. The gap argument
-is ours and not a proof; the saddle is checked numerically (tests/test_theory.py) and the collapse is measured with
-`train_2d.py --data circle` (README).
+t = log sigma* - r^2 / (2 D sigma*^2), L gains r^4 / (2 D (D+2) sigma*^4), and the force on r is
+2 r^3 / (D (D+2) sigma*^4): third order, so an exact likelihood would leave the collapse only very slowly. A VAE
+maximises the ELBO, which lies below log p(x) by KL(q(z|x) || p(z|x)); near r = 0 the posterior tilts the prior by an
+amount of order r R / sigma^2, in a shape (a von Mises tilt of the angle of z) that a Gaussian q(z|x) cannot follow,
+so the gap is of order r^2 and outweighs the r^4 gain: on the ELBO the collapsed point with sigma = R/sqrt(D) is a
+maximum in (r, sigma), and a learned scalar sigma started above R/sqrt(D) (sigma = 1 on the unit circle) collapses and
+stays there. The gap argument is ours and not a proof; the saddle is checked numerically (tests/test_theory.py) and the
+collapse is measured with `train_2d.py --data circle` (README).
 
     python theory.py                              # threshold table + Fig. 2 heat maps (D = 2 and 10), seconds
     python theory.py --train                      # also train VAEs on spheres at 0.7 and 1.4 x sqrt(D) (minutes)
@@ -215,7 +221,8 @@ def heatmap(D, path, command):
     ax.plot(a, [optimal_radius(value, D) for value in a], "c-", lw=1.5, label="r* (global maximum)")
     numerical = critical_ratio(D)
     ax.axvline(numerical, color="lime", lw=1.2, label=f"critical ratio, numerical ({numerical:.4f})")
-    ax.axvline(math.sqrt(D - 1), color="red", ls=":", lw=1.5, label=f"Theorem 1's bound sqrt(D-1) = {math.sqrt(D - 1):.3f}")
+    ax.axvline(math.sqrt(D - 1), color="red", ls=":", lw=1.5,
+               label=f"Theorem 1's bound sqrt(D-1) = {math.sqrt(D - 1):.3f}")
     ax.set(xlabel="R / sigma", ylabel="r / sigma", xlim=(a[0], a[-1]), ylim=(rho[0], rho[-1]),
            title=f"Fig. 2: Eq. 8 for D = {D}")
     ax.legend(fontsize=7, loc="upper left")
@@ -238,7 +245,8 @@ def main(args):
         "",
         f"Command: `{command}`",
         "",
-        "Numerical: bisection on R/sigma for r*/sigma > 1e-2 (an upward bias <= 1.3e-5 relative), r* found by global search (grid over [0, 1.5 R/sigma + 5],"
+        "Numerical: bisection on R/sigma for r*/sigma > 1e-2 (an upward bias <= 1.3e-5 relative), r* found by global "
+        "search (grid over [0, 1.5 R/sigma + 5],"
         " then bounded Brent) of Eq. 8 in closed form (theory.py). Exact: sqrt(D), derived in theory.py's docstring "
         "from the expansion f(rho) = (rho^2/2)(R^2/(D sigma^2) - 1) - R^4 rho^4 / (4 D^2 (D+2) sigma^4) + O(rho^6). "
         "The last column checks numerically that log 0F1(; D/2; y) is concave, which makes r = 0 the global "
@@ -298,9 +306,9 @@ def write_training_check(args, command):
         "",
         f"Command: `{command}`",
         "",
-        f"Each row: {args.seeds} seeds, {args.steps} Adam steps (lr {args.lr}) of {args.batch_size} fresh points of the "
-        f"sphere, ResNet-MLP encoder and decoder of 4 blocks x {args.hidden} units, latent dimension D, trained as one "
-        f"batched ensemble per D. Wall time {minutes:.1f} min on {device}. ||mu(z)|| / R is averaged over 5000 "
+        f"Each row: {args.seeds} seeds, {args.steps} Adam steps (lr {args.lr}) of {args.batch_size} fresh points of "
+        f"the sphere, ResNet-MLP encoder and decoder of 4 blocks x {args.hidden} units, latent dimension D, trained as "
+        f"one batched ensemble per D. Wall time {minutes:.1f} min on {device}. ||mu(z)|| / R is averaged over 5000 "
         "z ~ p(z) (generation) and over the encoder means of 5000 fresh data points (reconstruction); mean ± std "
         "over seeds. r*/R is the optimum of Eq. 8 at the same R/sigma. Ratio: R/sigma in units of the critical "
         "sqrt(D). ELBO: nats per point, all constants included.",

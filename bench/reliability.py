@@ -428,7 +428,8 @@ def main(args):
         "",
         "## SIGTERM and SIGINT at random moments, then --resume",
         "",
-        "3 epochs of 3 steps (global batch 64) on the same data, run folders under a temporary `<tmp>`; the signal goes to the whole process group, as a "
+        "3 epochs of 3 steps (global batch 64) on the same data, run folders under a temporary `<tmp>`; the signal "
+        "goes to the whole process group, as a "
         "terminal's Ctrl-C or a scheduler's does, at a uniform random time after the start-up line within a third "
         "of an uninterrupted run's wall time; the stopped run is resumed with `--resume` (under torchrun again for 2 "
         "processes) and its final weights compared with the uninterrupted run's.",

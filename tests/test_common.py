@@ -58,7 +58,8 @@ def test_learned_scalar_sigma_nll_starts_at_one_and_matches_normal():
     torch.testing.assert_close(gaussian_nll(x, *obs(mean, x)), expected, rtol=1e-5, atol=1e-4)
     # Eq. 10: a scalar sigma contributes D log sigma.
     zero_error = gaussian_nll(mean, *obs(mean, mean))
-    torch.testing.assert_close(zero_error, 5 * (obs.log_sigma.reshape(2, 1) + 0.5 * math.log(2 * math.pi)).expand(2, 40))
+    expected = 5 * (obs.log_sigma.reshape(2, 1) + 0.5 * math.log(2 * math.pi)).expand(2, 40)
+    torch.testing.assert_close(zero_error, expected)
 
 
 def test_learned_per_dim_sigma_nll_equals_normal_log_prob():
@@ -190,7 +191,8 @@ generator = torch.Generator().manual_seed(0)
 raw = (torch.randn(50, 3, 100, 4, generator=generator) * 3).requires_grad_()
 out = torch.stack([soft_floor(part) for part in raw])  # small tensors, as in training, one call each
 out.backward(torch.ones_like(out))
-print(torch.backends.cpu.get_cpu_capability(), hashlib.sha256(out.detach().numpy().tobytes() + raw.grad.numpy().tobytes()).hexdigest())
+digest = hashlib.sha256(out.detach().numpy().tobytes() + raw.grad.numpy().tobytes()).hexdigest()
+print(torch.backends.cpu.get_cpu_capability(), digest)
 """
 
 

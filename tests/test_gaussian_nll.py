@@ -201,7 +201,8 @@ def test_custom_ops_pass_opcheck(layout):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit._script")  # raised inside Inductor's own imports
 def test_triton_under_torch_compile_fullgraph():
     # fullgraph=True fails on any graph break. The compiled graph calls the two custom ops; the values and gradients
-    # must match eager PyTorch. channels_last inputs with a learned scalar log_sigma (Eq. 10), as the GPU training step has.
+    # must match eager PyTorch. channels_last inputs with a learned scalar log_sigma (Eq. 10), as the GPU training
+    # step has.
     def loss(x, raw_mean, log_sigma, backend):
         return gaussian_nll(x, torch.tanh(raw_mean), log_sigma, backend=backend)
 

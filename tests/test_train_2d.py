@@ -257,7 +257,8 @@ TRAIN_DIGEST = """
 import hashlib, sys, torch
 import train_2d
 from common import LearnedPerDimSigma
-args = train_2d.parse_args(["--steps", "100", "--lv-warmup", "50", "--hidden", "16", "--blocks", "1", "--logdir", sys.argv[1]])
+args = train_2d.parse_args(["--steps", "100", "--lv-warmup", "50", "--hidden", "16", "--blocks", "1",
+                            "--logdir", sys.argv[1]])
 ensemble = train_2d.Ensemble([("LV-VAE", LearnedPerDimSigma()), ("LV-VAE, warm start", train_2d.WarmStartSigma(3))],
                              [0, 1, 2], args, "cpu")
 train_2d.train([ensemble], [0, 1, 2], args, "cpu", "digest")

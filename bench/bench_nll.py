@@ -206,11 +206,21 @@ def targets():
     return ["Targets, from the CUDA-graph times:", "", *lines, ""] if lines else []
 
 
-def sweep():
+def sweep(report):
     """The Triton kernels' fwd+bwd time by launch configuration, CelebA shape, largest N, replayed from a CUDA
-    graph: the figures by which to set MAX_BLOCK_SIZE and NUM_WARPS (the defaults are marked)."""
+    graph: the figures by which to set MAX_BLOCK_SIZE and NUM_WARPS (the defaults are marked, and timed again last:
+    the spread of two timings of one configuration). The file is rewritten after every row, so a time box keeps
+    what ran."""
     n, lines = max(args.batch_sizes), []
     default = (nll_module.MAX_BLOCK_SIZE, nll_module.NUM_WARPS)
+    default_warps = nll_module._launch_config(3 * 64 * 64)[2] if default[1] is None else default[1]
+    section = lambda: ["", f"## Launch configurations of the Triton kernels (CelebA, N = {n})", "",
+                       "Forward + backward by MAX_BLOCK_SIZE (elements of a row per program) and NUM_WARPS; bandwidth "
+                       "share from the CUDA-graph time (the launched time where capture failed). The default "
+                       "configuration is timed first in its place and again after the others: the difference between "
+                       "the two is the run-to-run spread, below which two configurations do not differ.", "",
+                       "| dtype | block | warps | launched ms | CUDA graph ms | of copy BW |",
+                       "|---|---|---|---|---|---|", *lines]
     for dtype_name in args.dtypes:
         shape = (n,) + IMAGE_SHAPES["celeba"]
         generator = torch.Generator(device).manual_seed(0)
@@ -221,29 +231,26 @@ def sweep():
         mean.requires_grad_(), log_sigma.requires_grad_()
         upstream = torch.ones(n, device=device)
         moved_bytes = 8 * x.numel() * x.element_size()
-        for block_size in [1024, 2048, 4096, 8192]:
-            for num_warps in [4, 8, 16]:
-                nll_module.MAX_BLOCK_SIZE, nll_module.NUM_WARPS = block_size, num_warps
-                step = lambda: torch.autograd.grad(gaussian_nll(x, mean, log_sigma, backend="triton"),
-                                                   (mean, log_sigma), upstream)
-                try:
-                    launched, replayed = time_ms(step)
-                except Exception as error:  # e.g. too many registers: a finding
-                    lines.append(f"| {dtype_name} | {block_size} | {num_warps} | failed: {type(error).__name__} "
-                                 "| | |")
-                    continue
-                milliseconds = replayed or launched
-                share = moved_bytes / (milliseconds * 1e-3) / 1e9 / copy_gbs
-                mark = " (default)" if block_size == default[0] and num_warps == (default[1] or 8) else ""
+        configs = [(block, warps) for block in [1024, 2048, 4096, 8192] for warps in [4, 8, 16]]
+        for i, (block_size, num_warps) in enumerate(configs + [(default[0], default_warps)]):
+            again = i == len(configs)  # the last row of this dtype: the default again
+            nll_module.MAX_BLOCK_SIZE, nll_module.NUM_WARPS = block_size, num_warps
+            step = lambda: torch.autograd.grad(gaussian_nll(x, mean, log_sigma, backend="triton"),
+                                               (mean, log_sigma), upstream)
+            mark = (" (default, again)" if again else " (default)") \
+                if (block_size, num_warps) == (default[0], default_warps) else ""
+            try:
+                launched, replayed = time_ms(step)
+                share = moved_bytes / ((replayed or launched) * 1e-3) / 1e9 / copy_gbs
                 lines.append(f"| {dtype_name} | {block_size} | {num_warps}{mark} | {launched:.4f} | "
                              f"{'n/a' if replayed is None else f'{replayed:.4f}'} | {100 * share:.0f}% |")
-                print(lines[-1], flush=True)
+            except Exception as error:  # e.g. too many registers: a finding
+                lines.append(f"| {dtype_name} | {block_size} | {num_warps}{mark} | failed: {type(error).__name__} "
+                             "| | |")
+            print(lines[-1], flush=True)
+            write_report(report + section())
         del x, mean, log_sigma
     nll_module.MAX_BLOCK_SIZE, nll_module.NUM_WARPS = default
-    return ["", f"## Launch configurations of the Triton kernels (CelebA, N = {n})", "",
-            "Forward + backward by MAX_BLOCK_SIZE (elements of a row per program) and NUM_WARPS; bandwidth share "
-            "from the CUDA-graph time (the launched time where capture failed).", "",
-            "| dtype | block | warps | launched ms | CUDA graph ms | of copy BW |", "|---|---|---|---|---|---|", *lines]
 
 
 import triton  # noqa: E402  (present: checked at the top)
@@ -281,4 +288,4 @@ report = [
 ]
 write_report(report)  # before the sweep: a time box that stops the sweep keeps the table
 if args.sweep:
-    write_report(report + sweep())
+    sweep(report)

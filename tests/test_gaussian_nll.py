@@ -1,7 +1,9 @@
 """kernels/gaussian_nll.py: the Triton kernels against the PyTorch reference on CPU (Triton's interpreter), the
 reference against gradcheck and common.gaussian_nll, the choice of path and the input checks."""
 
+import ast
 import os
+import types
 
 import pytest
 import torch
@@ -319,3 +321,31 @@ def test_backend_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
 def test_backend_triton_rejects_float64():
     with pytest.raises(ValueError, match="backend='torch'"):
         gaussian_nll(*make_inputs((2, 5), torch.float64), backend="triton")
+
+
+@needs_triton
+def test_bench_nll_sweep_runs_every_launch_configuration_and_writes_after_each(monkeypatch):
+    """bench/bench_nll.py's --sweep, which needs a GPU to time, is a script: its sweep() is taken from the file's own
+    source and run with the kernels in the interpreter and a timer that only calls the step once. Every configuration
+    must run the real kernels (finite gradients), give one row and rewrite the report; the defaults come back."""
+    source = open(os.path.join(os.path.dirname(common.__file__), "bench", "bench_nll.py")).read()
+    sweep = next(node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef) and node.name == "sweep")
+    configurations, written = [], []
+
+    def time_ms(step):
+        assert all(torch.isfinite(gradient).all() for gradient in step())
+        configurations.append((nll_module.MAX_BLOCK_SIZE, nll_module.NUM_WARPS))
+        return 1.0, 0.5
+
+    names = dict(args=types.SimpleNamespace(batch_sizes=[2], dtypes=["fp32", "bf16"]), device=torch.device("cpu"),
+                 nll_module=nll_module, gaussian_nll=gaussian_nll, torch=torch, time_ms=time_ms, copy_gbs=1000.0,
+                 IMAGE_SHAPES={"celeba": (3, 64, 64)}, DTYPES={"fp32": torch.float32, "bf16": torch.bfloat16},
+                 write_report=lambda lines: written.append(list(lines)))
+    exec(compile(ast.Module([sweep], []), "bench_nll.sweep", "exec"), names)
+    names["sweep"](["# the main table"])
+    default = (nll_module.MAX_BLOCK_SIZE, nll_module.NUM_WARPS)
+    assert len(configurations) == len(written) == 2 * 13 and len(set(configurations)) == 12
+    assert configurations[12] == (2048, 8) and default == (2048, None)  # the default again, last; then restored
+    rows = [line for line in written[-1] if line.startswith(("| fp32 ", "| bf16 "))]
+    assert len(rows) == 26 and written[-1][0] == "# the main table"
+    assert sum("(default)" in row for row in rows) == 2 and sum("(default, again)" in row for row in rows) == 2

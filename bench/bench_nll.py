@@ -127,7 +127,8 @@ def peak_extra_mib(step):
 
 def copy_bandwidth_gbs():
     """Device-to-device copy bandwidth: a large tensor .copy_ reads and writes its bytes once each."""
-    source = torch.empty(args.copy_mib * 2**20, dtype=torch.uint8, device=device)
+    # random bytes, never zeros or an untouched allocation: the memory system may move those faster than data
+    source = torch.randint(0, 256, (args.copy_mib * 2**20,), dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     milliseconds, _ = time_ms(lambda: target.copy_(source))
     del source, target
@@ -142,51 +143,6 @@ def loss_function(method):
         return torch.compile(gaussian_nll_reference, dynamic=False)
     return lambda x, mean, log_sigma: gaussian_nll(x, mean, log_sigma, backend="triton")
 
-
-# --- measurements ---
-
-copy_gbs = copy_bandwidth_gbs()
-print(f"device-to-device copy: {copy_gbs:.0f} GB/s", flush=True)
-rows, timings = [], {}  # timings: (dataset, N, dtype, method) -> ms, the CUDA-graph time where there is one
-for dataset in args.datasets:
-    for batch_size in args.batch_sizes:
-        for dtype_name in args.dtypes:
-            shape = (batch_size,) + IMAGE_SHAPES[dataset]  # (N, C, H, W)
-            generator = torch.Generator(device).manual_seed(0)
-            x = torch.rand(shape, generator=generator, device=device)  # pixels in [0, 1]
-            mean = x + 0.1 * torch.randn(shape, generator=generator, device=device)
-            log_sigma = -4 * torch.rand(shape, generator=generator, device=device)  # sigma in [0.018, 1]
-            x, mean, log_sigma = (t.to(DTYPES[dtype_name]) for t in (x, mean, log_sigma))
-            mean.requires_grad_(), log_sigma.requires_grad_()
-            upstream = torch.ones(batch_size, device=device)  # (N,) d loss / d nll, as for loss = nll.sum()
-            # Bytes of the fused forward+backward: the forward reads x, mean, log_sigma; the backward reads them
-            # again and writes grad_mean and grad_log_sigma: 8 tensors of N*D elements. The (N,) fp32 output,
-            # its gradient and the per-chunk partial sums are under 0.1% and left out. Every method is credited
-            # with these same bytes, so the column reads as useful bytes per second.
-            moved_bytes = 8 * x.numel() * x.element_size()
-            gradient_mib = 2 * x.numel() * x.element_size() / 2**20  # grad_mean + grad_log_sigma, any method
-            reference_nll = gaussian_nll_reference(x, mean, log_sigma).detach()
-            for method in methods:
-                function = loss_function(method)
-
-                def step():
-                    nll = function(x, mean, log_sigma)
-                    return torch.autograd.grad(nll, (mean, log_sigma), upstream)
-
-                launched, replayed = time_ms(step)
-                timings[dataset, batch_size, dtype_name, method] = replayed or launched
-                extra_mib = peak_extra_mib(step)
-                nll = function(x, mean, log_sigma).detach()
-                relative_diff = ((nll - reference_nll).abs().max() / reference_nll.abs().max()).item()
-                cells = []
-                for milliseconds in (launched, replayed):
-                    bandwidth_gbs = moved_bytes / (milliseconds * 1e-3) / 1e9 if milliseconds else None
-                    cells.append("n/a | n/a | n/a" if milliseconds is None else
-                                 f"{milliseconds:.4f} | {bandwidth_gbs:.0f} | {100 * bandwidth_gbs / copy_gbs:.0f}%")
-                rows.append(f"| {dataset} | {batch_size} | {dtype_name} | {method} | {' | '.join(cells)} "
-                            f"| {extra_mib:.1f} | {gradient_mib:.1f} | {relative_diff:.1e} |")
-                print(rows[-1], flush=True)
-            del x, mean, log_sigma, upstream, reference_nll
 
 # --- report ---
 
@@ -256,36 +212,88 @@ def sweep(report):
 import triton  # noqa: E402  (present: checked at the top)
 
 properties = torch.cuda.get_device_properties(device)
-report = [
-    TITLE,
-    "",
-    COMMAND,
-    "",
-    f"Hardware: {properties.name} ({properties.total_memory / 2**30:.0f} GiB), host CPU {cpu_name()}; "
-    f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton.__version__}.",
-    "",
-    f"Device-to-device copy bandwidth, measured in this run: **{copy_gbs:.0f} GB/s** "
-    f"(a {args.copy_mib} MiB tensor `.copy_`, counted as read + write).",
-    "",
-    "Each row: x, mean and a per-pixel log_sigma of shape (N, C, H, W) in the given dtype; one call computes the "
-    "(N,) per-sample NLL and its gradients with respect to mean and log_sigma (`torch.autograd.grad`, upstream "
-    "gradient 1). Times: `triton.testing.do_bench`, median over "
-    f"{args.rep_ms} ms of calls after {args.warmup_ms} ms of warm-up (and one call that compiles), the L2 cache "
-    "flushed before every call; 'launched' is the call as Python launches it, host gaps between its kernels "
-    "included, 'CUDA graph' the same call captured once and replayed, GPU time alone. GB/s: 8 N·D·itemsize bytes "
-    "(the fused kernels read x, mean, log_sigma in the forward and again in the backward, and write the two "
-    "gradients) divided by the time; every method is credited with these same bytes. Peak extra: "
-    "`torch.cuda.max_memory_allocated()` during one call minus the memory allocated before it; it includes the two "
-    "returned gradients (column 'gradients'), which every method must allocate. Last column: max |nll - eager| / "
-    "max |eager| of the forward.",
-    *([""] + sorted(set(notes)) if notes else []),
-    "",
-    *targets(),
-    "| data | N | dtype | method | launched: fwd+bwd ms | GB/s | of copy BW | CUDA graph: fwd+bwd ms | GB/s "
-    "| of copy BW | peak extra MiB | gradients MiB | fwd rel. diff. vs eager |",
-    "|" + "---|" * 13,
-    *rows,
-]
-write_report(report)  # before the sweep: a time box that stops the sweep keeps the table
+
+
+def main_report():
+    """The file's header and main table, from the rows timed so far."""
+    return [
+        TITLE,
+        "",
+        COMMAND,
+        "",
+        f"Hardware: {properties.name} ({properties.total_memory / 2**30:.0f} GiB), host CPU {cpu_name()}; "
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton.__version__}.",
+        "",
+        f"Device-to-device copy bandwidth, measured in this run: **{copy_gbs:.0f} GB/s** "
+        f"(a {args.copy_mib} MiB tensor `.copy_`, counted as read + write).",
+        "",
+        "Each row: x, mean and a per-pixel log_sigma of shape (N, C, H, W) in the given dtype; one call computes the "
+        "(N,) per-sample NLL and its gradients with respect to mean and log_sigma (`torch.autograd.grad`, upstream "
+        "gradient 1). Times: `triton.testing.do_bench`, median over "
+        f"{args.rep_ms} ms of calls after {args.warmup_ms} ms of warm-up (and one call that compiles), the L2 cache "
+        "flushed before every call; 'launched' is the call as Python launches it, host gaps between its kernels "
+        "included, 'CUDA graph' the same call captured once and replayed, GPU time alone. GB/s: 8 N·D·itemsize bytes "
+        "(the fused kernels read x, mean, log_sigma in the forward and again in the backward, and write the two "
+        "gradients) divided by the time; every method is credited with these same bytes. Peak extra: "
+        "`torch.cuda.max_memory_allocated()` during one call minus the memory allocated before it; it includes the two "
+        "returned gradients (column 'gradients'), which every method must allocate. Last column: max |nll - eager| / "
+        "max |eager| of the forward.",
+        *([""] + sorted(set(notes)) if notes else []),
+        "",
+        *targets(),
+        "| data | N | dtype | method | launched: fwd+bwd ms | GB/s | of copy BW | CUDA graph: fwd+bwd ms | GB/s "
+        "| of copy BW | peak extra MiB | gradients MiB | fwd rel. diff. vs eager |",
+        "|" + "---|" * 13,
+        *rows,
+    ]
+
+
+# --- measurements ---
+
+copy_gbs = copy_bandwidth_gbs()
+print(f"device-to-device copy: {copy_gbs:.0f} GB/s", flush=True)
+rows, timings = [], {}  # timings: (dataset, N, dtype, method) -> ms, the CUDA-graph time where there is one
+for dataset in args.datasets:
+    for batch_size in args.batch_sizes:
+        for dtype_name in args.dtypes:
+            shape = (batch_size,) + IMAGE_SHAPES[dataset]  # (N, C, H, W)
+            generator = torch.Generator(device).manual_seed(0)
+            x = torch.rand(shape, generator=generator, device=device)  # pixels in [0, 1]
+            mean = x + 0.1 * torch.randn(shape, generator=generator, device=device)
+            log_sigma = -4 * torch.rand(shape, generator=generator, device=device)  # sigma in [0.018, 1]
+            x, mean, log_sigma = (t.to(DTYPES[dtype_name]) for t in (x, mean, log_sigma))
+            mean.requires_grad_(), log_sigma.requires_grad_()
+            upstream = torch.ones(batch_size, device=device)  # (N,) d loss / d nll, as for loss = nll.sum()
+            # Bytes of the fused forward+backward: the forward reads x, mean, log_sigma; the backward reads them
+            # again and writes grad_mean and grad_log_sigma: 8 tensors of N*D elements. The (N,) fp32 output,
+            # its gradient and the per-chunk partial sums are under 0.1% and left out. Every method is credited
+            # with these same bytes, so the column reads as useful bytes per second.
+            moved_bytes = 8 * x.numel() * x.element_size()
+            gradient_mib = 2 * x.numel() * x.element_size() / 2**20  # grad_mean + grad_log_sigma, any method
+            reference_nll = gaussian_nll_reference(x, mean, log_sigma).detach()
+            for method in methods:
+                function = loss_function(method)
+
+                def step():
+                    nll = function(x, mean, log_sigma)
+                    return torch.autograd.grad(nll, (mean, log_sigma), upstream)
+
+                launched, replayed = time_ms(step)
+                timings[dataset, batch_size, dtype_name, method] = replayed or launched
+                extra_mib = peak_extra_mib(step)
+                nll = function(x, mean, log_sigma).detach()
+                relative_diff = ((nll - reference_nll).abs().max() / reference_nll.abs().max()).item()
+                cells = []
+                for milliseconds in (launched, replayed):
+                    bandwidth_gbs = moved_bytes / (milliseconds * 1e-3) / 1e9 if milliseconds else None
+                    cells.append("n/a | n/a | n/a" if milliseconds is None else
+                                 f"{milliseconds:.4f} | {bandwidth_gbs:.0f} | {100 * bandwidth_gbs / copy_gbs:.0f}%")
+                rows.append(f"| {dataset} | {batch_size} | {dtype_name} | {method} | {' | '.join(cells)} "
+                            f"| {extra_mib:.1f} | {gradient_mib:.1f} | {relative_diff:.1e} |")
+                print(rows[-1], flush=True)
+                write_report(main_report())  # after every row: a time box keeps what ran
+            del x, mean, log_sigma, upstream, reference_nll
+
+write_report(main_report())
 if args.sweep:
-    sweep(report)
+    sweep(main_report())

@@ -3,6 +3,8 @@ reference against gradcheck and common.gaussian_nll, the choice of path and the 
 
 import ast
 import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -349,3 +351,37 @@ def test_bench_nll_sweep_runs_every_launch_configuration_and_writes_after_each(m
     rows = [line for line in written[-1] if line.startswith(("| fp32 ", "| bf16 "))]
     assert len(rows) == 26 and written[-1][0] == "# the main table"
     assert sum("(default)" in row for row in rows) == 2 and sum("(default, again)" in row for row in rows) == 2
+
+
+# bench/bench_nll.py as a GPU runs it, on the CPU: the CUDA calls it makes answer as a machine without CUDA graphs
+# would (capture fails: the table keeps the launched times), do_bench calls once, the kernels run in the interpreter.
+BENCH_ON_CPU = """
+import os, sys, types
+import torch, triton.testing
+def no_stream(*args, **kwargs):
+    raise RuntimeError("no CUDA streams on this CPU")
+for name, value in dict(is_available=lambda: True, synchronize=lambda *a: None, memory_allocated=lambda *a: 0,
+                        reset_peak_memory_stats=lambda *a: None, max_memory_allocated=lambda *a: 2**20,
+                        Stream=no_stream, get_device_properties=lambda d: types.SimpleNamespace(
+                            name="a CPU standing in", total_memory=2**30)).items():
+    setattr(torch.cuda, name, value)
+triton.testing.do_bench = lambda fn, warmup=0, rep=0, return_mode="median": (fn(), 1.0)[1]
+source = open("bench/bench_nll.py").read().replace('torch.device("cuda")', 'torch.device("cpu")')
+sys.argv = ["bench/bench_nll.py", "--datasets", "mnist", "--batch-sizes", "2", "--dtypes", "fp32", "--methods",
+            "eager", "triton", "--copy-mib", "1", "--sweep", "--out", sys.argv[1]]
+exec(compile(source, "bench/bench_nll.py", "exec"), {"__name__": "__main__", "__file__": "bench/bench_nll.py"})
+"""
+
+
+@needs_triton
+def test_bench_nll_runs_end_to_end_and_rewrites_its_file_after_every_row(tmp_path):
+    out = tmp_path / "bench_nll.md"
+    result = subprocess.run([sys.executable, "-c", BENCH_ON_CPU, str(out)], cwd=os.path.dirname(common.__file__),
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = out.read_text()
+    assert "| mnist | 2 | fp32 | eager | 1.0000 |" in table and "| mnist | 2 | fp32 | triton | 1.0000 |" in table
+    assert "CUDA graph capture failed once: RuntimeError: no CUDA streams on this CPU" in table
+    assert table.count("\n| fp32 | ") == 13 and "| fp32 | 2048 | 8 (default, again) |" in table
+    # Written after each of the 2 rows, after the table, and after each of the 13 configurations of the sweep.
+    assert result.stdout.count(f"wrote {out}") == 2 + 1 + 13

@@ -114,13 +114,13 @@ pack_events() {  # pack_events FOLDER NAME: FOLDER's TensorBoard events into the
 }
 
 two_d() {  # in the background: again without CUDA graphs if it fails before its time box (e.g. a capture error)
-  # The box ends 60 s early with SIGTERM: train_2d.py stops training, evaluates what it trained and writes Table 1
-  # marked as cut short, within the 60 s before SIGKILL.
+  # The box ends 45 s early with SIGTERM: train_2d.py stops training, evaluates what it trained and writes Table 1
+  # marked as cut short, within the 45 s before SIGKILL.
   STAGE_LOG=$SCRATCH/logs/2d.log
   local train_2d=("$PY" train_2d.py "${TWO_D[@]}" --device "$DEVICE" --logdir "$SCRATCH/runs/2d")
-  GRACE=60 stage 2d $((BUDGET - RESERVE - SECONDS - 60)) "${train_2d[@]}"
+  GRACE=45 stage 2d $((BUDGET - RESERVE - SECONDS - 45)) "${train_2d[@]}"
   [[ $RC == 0 || $RC == 124 || $RC == skipped ]] ||
-    GRACE=60 stage 2d-no-graphs $((BUDGET - RESERVE - SECONDS - 60)) "${train_2d[@]}" --cuda-graphs off
+    GRACE=45 stage 2d-no-graphs $((BUDGET - RESERVE - SECONDS - 45)) "${train_2d[@]}" --cuda-graphs off
 }
 
 celeba() {  # in the background: the rows side by side (short runs, mostly compilation); Table 2 rows at the end.

@@ -143,6 +143,23 @@ def test_end_to_end_writes_table_and_figures(tmp_path):
             assert (out / f"{name}_{kind}.png").stat().st_size > 500
 
 
+def test_reconstruction_measures_on_hand_made_images():
+    # A bright square on a dark field: its border pixels (both sides of the jump) are the edges, nothing else.
+    x = torch.zeros(1, 1, 8, 8)
+    x[..., 2:6, 2:6] = 1.0
+    edges = train_images.edge_pixels(x)
+    assert edges.sum() == 6 * 6 - 2 * 2 - 4 and not edges[..., 3:5, 3:5].any() and not edges[..., 0, :].any()
+    # Per-pixel sigma 4x larger on the edges: ratio 4. Means off by 0.1 everywhere: MSE 0.01, PSNR 20 dB.
+    log_sigma = torch.where(edges, math.log(0.04), math.log(0.01))
+    psnr_db, ratio = train_images.reconstruction_measures(x, x + 0.1 * (1 - 2 * x), log_sigma)
+    assert psnr_db == pytest.approx(20.0) and ratio == pytest.approx(4.0)
+    assert train_images.reconstruction_measures(x, x, torch.zeros(1, 1, 1, 1)) == (math.inf, None)  # scalar sigma
+    # Means outside [0, 1] are clipped first: a mean of 2 on the 16 white pixels costs nothing, 0.1 on the 48 dark ones
+    # costs 0.01 each.
+    psnr_db = train_images.reconstruction_measures(x, x * 2 + 0.1 * (1 - x), log_sigma)[0]
+    assert psnr_db == pytest.approx(-10 * math.log10(0.01 * 48 / 64))
+
+
 @pytest.mark.skipif(train_images.fcntl is None, reason="file locks are POSIX")
 def test_runs_that_finish_together_take_turns_at_table_2(tmp_path):
     """A run holding runs.jsonl's lock (another Table 2 row finishing) makes the next wait, so that the table
@@ -549,6 +566,9 @@ def test_a_run_writes_into_its_own_folder_and_records_a_relative_command(short_r
     # The generalisation gap: the same one-sample ELBO on 32 training images, minus the test ELBO.
     gap = record["final_train"]["nats_per_image"] - record["final"]["nats_per_image"]
     assert math.isfinite(gap) and f"| {gap:.3f} | 50, 32 |" in (run_dir / "table2.md").read_text()
+    # LV-VAE's reconstruction measures (App. B.1), in the record and in the table.
+    assert 0 < record["psnr_db"] < 60 and record["edge_sigma_ratio"] > 0
+    assert f"| {record['psnr_db']:.3f} | {record['edge_sigma_ratio']:.3f} |" in (run_dir / "table2.md").read_text()
     assert f"--data-dir {data}" in record["command"]  # outside the repository: stays absolute
     root = "/home/user/vae"
     command = train_images.command_line("python", [f"{root}/train_images.py", "--data-dir", f"{root}/data/mnist",

@@ -583,14 +583,15 @@ def main(args):
     for ens in ensembles:
         results.update(evaluate(ens, x_eval.to(device), args))
     data_log_p = data_log_density(x_eval, args.data)
+    stopped = stopped_early(ensembles, args)
     write_table(args, results, history, data_log_p, command, hardware(device), train_seconds, phase_seconds,
-                time.time() - started, stopped_early(ensembles, args))
+                time.time() - started, stopped)
 
     # --- figures ---
     write_figures(args, ensembles, history, x_eval, u_eval, command)
     print(f"wrote {args.out}/table1.md and figures in {time.time() - started:.0f} s")
-    if stopped_early(ensembles, args):  # the shell's convention for a run a signal ended
-        print(f"train_2d: {stopped_early(ensembles, args)}; exit {128 + SIGNALS[0]}")
+    if stopped:  # the shell's convention for a run a signal ended
+        print(f"train_2d: {stopped}; exit {128 + SIGNALS[0]}")
         sys.exit(128 + SIGNALS[0])
 
 

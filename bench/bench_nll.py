@@ -144,6 +144,18 @@ def loss_function(method):
     return lambda x, mean, log_sigma: gaussian_nll(x, mean, log_sigma, backend="triton")
 
 
+def nll_inputs(shape, dtype_name):
+    """x, mean, log_sigma of shape (N, C, H, W) in the dtype, seeded, mean and log_sigma requiring gradients, and
+    the (N,) upstream gradient of loss = nll.sum()."""
+    generator = torch.Generator(device).manual_seed(0)
+    x = torch.rand(shape, generator=generator, device=device)  # pixels in [0, 1]
+    mean = x + 0.1 * torch.randn(shape, generator=generator, device=device)
+    log_sigma = -4 * torch.rand(shape, generator=generator, device=device)  # sigma in [0.018, 1]
+    x, mean, log_sigma = (t.to(DTYPES[dtype_name]) for t in (x, mean, log_sigma))
+    mean.requires_grad_(), log_sigma.requires_grad_()
+    return x, mean, log_sigma, torch.ones(shape[0], device=device)
+
+
 # --- report ---
 
 
@@ -178,14 +190,7 @@ def sweep(report):
                        "| dtype | block | warps | launched ms | CUDA graph ms | of copy BW |",
                        "|---|---|---|---|---|---|", *lines]
     for dtype_name in args.dtypes:
-        shape = (n,) + IMAGE_SHAPES["celeba"]
-        generator = torch.Generator(device).manual_seed(0)
-        x = torch.rand(shape, generator=generator, device=device)
-        mean = (x + 0.1 * torch.randn(shape, generator=generator, device=device)).to(DTYPES[dtype_name])
-        log_sigma = (-4 * torch.rand(shape, generator=generator, device=device)).to(DTYPES[dtype_name])
-        x = x.to(DTYPES[dtype_name])
-        mean.requires_grad_(), log_sigma.requires_grad_()
-        upstream = torch.ones(n, device=device)
+        x, mean, log_sigma, upstream = nll_inputs((n,) + IMAGE_SHAPES["celeba"], dtype_name)
         moved_bytes = 8 * x.numel() * x.element_size()
         configs = [(block, warps) for block in [1024, 2048, 4096, 8192] for warps in [4, 8, 16]]
         for i, (block_size, num_warps) in enumerate(configs + [(default[0], default_warps)]):
@@ -256,14 +261,7 @@ rows, timings = [], {}  # timings: (dataset, N, dtype, method) -> ms, the CUDA-g
 for dataset in args.datasets:
     for batch_size in args.batch_sizes:
         for dtype_name in args.dtypes:
-            shape = (batch_size,) + IMAGE_SHAPES[dataset]  # (N, C, H, W)
-            generator = torch.Generator(device).manual_seed(0)
-            x = torch.rand(shape, generator=generator, device=device)  # pixels in [0, 1]
-            mean = x + 0.1 * torch.randn(shape, generator=generator, device=device)
-            log_sigma = -4 * torch.rand(shape, generator=generator, device=device)  # sigma in [0.018, 1]
-            x, mean, log_sigma = (t.to(DTYPES[dtype_name]) for t in (x, mean, log_sigma))
-            mean.requires_grad_(), log_sigma.requires_grad_()
-            upstream = torch.ones(batch_size, device=device)  # (N,) d loss / d nll, as for loss = nll.sum()
+            x, mean, log_sigma, upstream = nll_inputs((batch_size,) + IMAGE_SHAPES[dataset], dtype_name)
             # Bytes of the fused forward+backward: the forward reads x, mean, log_sigma; the backward reads them
             # again and writes grad_mean and grad_log_sigma: 8 tensors of N*D elements. The (N,) fp32 output,
             # its gradient and the per-chunk partial sums are under 0.1% and left out. Every method is credited

@@ -327,11 +327,13 @@ def test_backend_triton_rejects_float64():
 
 @needs_triton
 def test_bench_nll_sweep_runs_every_launch_configuration_and_writes_after_each(monkeypatch):
-    """bench/bench_nll.py's --sweep, which needs a GPU to time, is a script: its sweep() is taken from the file's own
-    source and run with the kernels in the interpreter and a timer that only calls the step once. Every configuration
-    must run the real kernels (finite gradients), give one row and rewrite the report; the defaults come back."""
+    """bench/bench_nll.py's --sweep, which needs a GPU to time, is a script: its sweep() and nll_inputs() are taken
+    from the file's own source and run with the kernels in the interpreter and a timer that only calls the step once.
+    Every configuration must run the real kernels (finite gradients), give one row and rewrite the report; the
+    defaults come back."""
     source = open(os.path.join(os.path.dirname(common.__file__), "bench", "bench_nll.py")).read()
-    sweep = next(node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef) and node.name == "sweep")
+    functions = [node for node in ast.parse(source).body
+                 if isinstance(node, ast.FunctionDef) and node.name in ("nll_inputs", "sweep")]
     configurations, written = [], []
 
     def time_ms(step):
@@ -343,7 +345,7 @@ def test_bench_nll_sweep_runs_every_launch_configuration_and_writes_after_each(m
                  nll_module=nll_module, gaussian_nll=gaussian_nll, torch=torch, time_ms=time_ms, copy_gbs=1000.0,
                  IMAGE_SHAPES={"celeba": (3, 64, 64)}, DTYPES={"fp32": torch.float32, "bf16": torch.bfloat16},
                  write_report=lambda lines: written.append(list(lines)))
-    exec(compile(ast.Module([sweep], []), "bench_nll.sweep", "exec"), names)
+    exec(compile(ast.Module(functions, []), "bench_nll.sweep", "exec"), names)
     names["sweep"](["# the main table"])
     default = (nll_module.MAX_BLOCK_SIZE, nll_module.NUM_WARPS)
     assert len(configurations) == len(written) == 2 * 13 and len(set(configurations)) == 12

@@ -14,6 +14,7 @@ results/bench_nll.md.
 """
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -166,7 +167,7 @@ def targets():
         ms = {method: timings.get(("celeba", n, dtype_name, method)) for method in METHODS}
         if None in ms.values():
             continue
-        moved_bytes = 8 * n * 3 * 64 * 64 * DTYPES[dtype_name].itemsize
+        moved_bytes = 8 * n * math.prod(IMAGE_SHAPES["celeba"]) * DTYPES[dtype_name].itemsize
         share = moved_bytes / (ms["triton"] * 1e-3) / 1e9 / copy_gbs
         lines.append(f"- CelebA, N = {n}, {dtype_name}: Triton {ms['eager'] / ms['triton']:.2f}x eager (target >= 3), "
                      f"{ms['compile'] / ms['triton']:.2f}x torch.compile (target >= 1.3), {100 * share:.0f}% of the "
@@ -181,7 +182,8 @@ def sweep(report):
     what ran."""
     n, lines = max(args.batch_sizes), []
     default = (nll_module.MAX_BLOCK_SIZE, nll_module.NUM_WARPS)
-    default_warps = nll_module._launch_config(3 * 64 * 64)[2] if default[1] is None else default[1]
+    row_elements = math.prod(IMAGE_SHAPES["celeba"])  # (C, H, W): one sample's row
+    default_warps = nll_module._launch_config(row_elements)[2] if default[1] is None else default[1]
     section = lambda: ["", f"## Launch configurations of the Triton kernels (CelebA, N = {n})", "",
                        "Forward + backward by MAX_BLOCK_SIZE (elements of a row per program) and NUM_WARPS; bandwidth "
                        "share from the CUDA-graph time (the launched time where capture failed). The default "

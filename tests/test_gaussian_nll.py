@@ -2,6 +2,7 @@
 reference against gradcheck and common.gaussian_nll, the choice of path and the input checks."""
 
 import ast
+import math
 import os
 import subprocess
 import sys
@@ -342,7 +343,8 @@ def test_bench_nll_sweep_runs_every_launch_configuration_and_writes_after_each(m
         return 1.0, 0.5
 
     names = dict(args=types.SimpleNamespace(batch_sizes=[2], dtypes=["fp32", "bf16"]), device=torch.device("cpu"),
-                 nll_module=nll_module, gaussian_nll=gaussian_nll, torch=torch, time_ms=time_ms, copy_gbs=1000.0,
+                 nll_module=nll_module, gaussian_nll=gaussian_nll, torch=torch, math=math, time_ms=time_ms,
+                 copy_gbs=1000.0,
                  IMAGE_SHAPES={"celeba": (3, 64, 64)}, DTYPES={"fp32": torch.float32, "bf16": torch.bfloat16},
                  write_report=lambda lines: written.append(list(lines)))
     exec(compile(ast.Module(functions, []), "bench_nll.sweep", "exec"), names)

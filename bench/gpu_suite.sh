@@ -5,14 +5,14 @@
 #   bash bench/gpu_suite.sh [STAGE ...]      # on the GPU machine: stages env nll train tests 2d celeba mnist (all)
 #   PYTHON=.venv/bin/python TINY=1 MNIST_DIR=<MNIST-format IDX files> bash bench/gpu_suite.sh   # CPU plumbing, ~25 s
 #
-# In order, alone on the GPU so that their timings are honest: env (nvidia-smi, versions; 20 s), nll
-# (bench/bench_nll.py and its launch-configuration sweep; 90 s), train (bench/bench_train.py, ablations and profile;
-# 200 s). Then, concurrently until the budget ends: 2d (train_2d.py --preset paper) and celeba (the CelebA rows of
-# Table 2, $CELEBA_ROWS, default "fixed learned", the paper's two, side by side for $CELEBA_EPOCHS, default 200, the
-# paper's, on $CELEBA_DIR) in the background, beside tests (pytest -m gpu; 120 s) and then mnist: the MNIST rows of
-# Table 2 in $MNIST_ROW (default learned: LV-VAE; several run one after the other) toward the paper's 1,000 epochs,
-# each continued from $CKPT_DIR/mnist_<row>/ (an earlier session's checkpoint pieces) where carried. A row that the
-# budget stops saves a checkpoint, which comes back in pieces, and the rows after it wait for the next session.
+# In order, alone on the GPU so that their timings are honest: env (nvidia-smi, versions; 20 s), nll (bench/bench_nll.py
+# and its launch-configuration sweep, 90 s; then nll-host, bench/bench_nll_host.py, 20 s), train (bench/bench_train.py,
+# ablations and profile; 200 s). Then, concurrently until the budget ends: 2d (train_2d.py --preset paper) and celeba
+# (the CelebA rows of Table 2, $CELEBA_ROWS, default "fixed learned", the paper's two, side by side for $CELEBA_EPOCHS,
+# default 200, the paper's, on $CELEBA_DIR) in the background, beside tests (pytest -m gpu; 120 s) and then mnist: the
+# MNIST rows of Table 2 in $MNIST_ROW (default learned: LV-VAE; several run one after the other) toward the paper's
+# 1,000 epochs, each continued from $CKPT_DIR/mnist_<row>/ (an earlier session's checkpoint pieces) where carried. A row
+# that the budget stops saves a checkpoint, which comes back in pieces, and the rows after it wait for the next session.
 # celeba and mnist are skipped, as no failure, when their data are not there and the stage was not named: carry
 # data/celeba or data/mnist (the device tool's 64 MiB hold one of them beside the tracked files).
 # Writes into $OUT (default gpu_suite_out): suite.log; suite.tgz, to unpack in the repository root (what the stages
@@ -60,7 +60,7 @@ unset TRITON_INTERPRET  # tests/conftest.py sets it where there is no GPU; here 
 if [ "$TINY" = 1 ]; then  # CPU plumbing: every stage at toy sizes
   export OMP_NUM_THREADS=1  # the concurrent stages share a CI machine's 2 cores: 2 threads each would halve them
   RESULTS=$SCRATCH/results DEVICE=cpu EVAL_EVERY=1
-  NLL=(--batch-sizes 8 --rep-ms 1 --warmup-ms 1 --sweep)
+  NLL=(--batch-sizes 8 --rep-ms 1 --warmup-ms 1 --sweep) HOST=(--calls 20 --rounds 2)
   TRAIN=(--sigmas learned --datasets mnist --steps 2 --warmup 1 --batch-size 8)  # --profile: 10 s more on a CPU
   TWO_D=(--steps 20 --seeds 2 --hidden 16 --lv-warmup 10 --eval-points 200 --iwae-points 50 --out "$RESULTS/2d/tiny")
   MNIST_NEW=(--max-train-images 256 --eval-images 64 --iwae-images 8 --iwae-k 2 --batch-size 32)
@@ -68,6 +68,7 @@ if [ "$TINY" = 1 ]; then  # CPU plumbing: every stage at toy sizes
 else
   RESULTS=results DEVICE=cuda EVAL_EVERY=25
   NLL=(--batch-sizes 1024 4096 --rep-ms 50 --warmup-ms 10 --sweep)  # the table is written before the sweep
+  HOST=()  # bench_nll_host.py's defaults: 7 rounds of 2,000 calls, ~5 s
   # LV-VAE: 4 rows, 12 ablations and 3 profiles, each compiling for up to ~18 s on an H200, 2 s of timed steps a
   # row; the table is rewritten after each row, in priority order, so the time box keeps what ran
   TRAIN=(--sigmas learned --datasets mnist celeba --ablations --profile --steps 1000 --row-seconds 2 --warmup 8)
@@ -199,6 +200,8 @@ want env && stage env 20 bash -c "nvidia-smi || true; $PY -c 'import sys, torch,
 \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"gpu\", \
 torch.cuda.is_available() and torch.cuda.get_device_name())'; nproc; free -g"
 want nll && stage nll 90 "$PY" bench/bench_nll.py "${NLL[@]}" --out "$RESULTS/bench_nll.md"
+want nll && stage nll-host 20 "$PY" bench/bench_nll_host.py "${HOST[@]}" --device "$DEVICE" \
+  --out "$RESULTS/bench_nll_host_$DEVICE.md"
 want train && stage train 200 "$PY" bench/bench_train.py "${TRAIN[@]}" --device "$DEVICE" \
   --out "$RESULTS/bench_train.md"
 

@@ -36,6 +36,12 @@ so a compiled model calls the kernels without a graph break. Nothing in them syn
 (mode="reduce-overhead") can capture them. The layout check runs inside the ops, on the tensors the compiled graph
 actually passes (Inductor keeps a custom op's input strides exactly only from torch 2.8; before, only their order).
 
+Host time. An eager call pays its Python on every call, and a GPU that finishes first waits for it. So an eager call
+(gaussian_nll outside torch.compile) runs the same two launchers through a plain torch.autograd.Function instead of
+the custom ops, whose dispatch layers cost more than the rest of the wrapper; torch.compile still sees the custom
+ops. The launch configuration is plain integer arithmetic, and the common layout is recognised with one check.
+bench/bench_nll_host.py measures it (results/bench_nll_host_cpu.md).
+
 Reduction. Both grids are (samples, chunks of the flattened row); samples go on axis 0, the one CUDA lets pass
 65535. Each forward program writes the fp32 sum of its chunk to a (N, chunks) buffer and a torch .sum(1) finishes
 the job (a two-level reduction), rather than atomic_add into an (N,) output: float atomics add in whatever order
@@ -170,6 +176,8 @@ def _empty_in_kernel_layout(x):
 def _in_kernel_layout(x, mean, log_sigma):
     """x, mean, log_sigma of one shape and any strides -> the same values in one sample-dense layout, x's if it has
     one. Only what is not in that layout yet is copied: nothing for NCHW or channels_last inputs that agree."""
+    if x.stride() == mean.stride() == log_sigma.stride() and _is_sample_dense(x):
+        return x, mean, log_sigma  # the usual case, decided with one check (host time)
     if not _is_sample_dense(x):
         x = _empty_in_kernel_layout(x).copy_(x)
     layout = _strides_that_matter(x)
@@ -185,13 +193,13 @@ def _in_kernel_layout(x, mean, log_sigma):
 
 def _launch_config(row_size):
     """Block size (the next power of two of D, at most MAX_BLOCK_SIZE), chunks per row and warps."""
-    block_size = min(MAX_BLOCK_SIZE, triton.next_power_of_2(max(row_size, 1)))
+    # Plain integer arithmetic: triton.next_power_of_2 and triton.cdiv are @jit functions, ~10 us a call from Python.
+    block_size = min(MAX_BLOCK_SIZE, 1 << max(row_size - 1, 0).bit_length())
     num_warps = NUM_WARPS or (4 if block_size <= 1024 else 8)
-    return block_size, triton.cdiv(row_size, block_size), num_warps
+    return block_size, -(-row_size // block_size), num_warps
 
 
-@torch.library.custom_op("vae::gaussian_nll_fwd", mutates_args=())
-def _forward_launch(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+def _forward_impl(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
     """x, mean, log_sigma: (N, ...) of one shape, dtype and device, any strides -> (N,) fp32 nats per sample."""
     x, mean, log_sigma = _in_kernel_layout(x, mean, log_sigma)
     num_samples, row_size = x.shape[0], math.prod(x.shape[1:])
@@ -204,13 +212,15 @@ def _forward_launch(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor
     return partial_sums.sum(1)  # second level of the reduction: (N, chunks) -> (N,), a fixed order
 
 
+_forward_launch = torch.library.custom_op("vae::gaussian_nll_fwd", _forward_impl, mutates_args=())
+
+
 @_forward_launch.register_fake
 def _forward_fake(x, mean, log_sigma):
     return x.new_empty(x.shape[0], dtype=torch.float32)  # (N,), as partial_sums.sum(1)
 
 
-@torch.library.custom_op("vae::gaussian_nll_bwd", mutates_args=())
-def _backward_launch(
+def _backward_impl(
     x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor, grad_nll: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Saved inputs (N, ...) and the upstream gradient (N,) -> grad_mean, grad_log_sigma, each (N, ...) in x's dtype
@@ -228,6 +238,9 @@ def _backward_launch(
     return grad_mean, grad_log_sigma
 
 
+_backward_launch = torch.library.custom_op("vae::gaussian_nll_bwd", _backward_impl, mutates_args=())
+
+
 @_backward_launch.register_fake
 def _backward_fake(x, mean, log_sigma, grad_nll):
     return _empty_in_kernel_layout(x), _empty_in_kernel_layout(x)  # the strides the real launcher returns
@@ -237,13 +250,27 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)  # x, mean, log_sigma: the backward recomputes everything else from them
 
 
-def _backward(ctx, grad_nll):
-    grad_mean, grad_log_sigma = _backward_launch(*ctx.saved_tensors, grad_nll)
+def _backward(ctx, grad_nll, launch=_backward_launch):
+    grad_mean, grad_log_sigma = launch(*ctx.saved_tensors, grad_nll)
     grad_x = -grad_mean if ctx.needs_input_grad[0] else None  # dl/dx = -dl/dmu; x is usually data
     return grad_x, grad_mean, grad_log_sigma
 
 
 _forward_launch.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerGaussianNLL(torch.autograd.Function):
+    """The same launchers and the same backward for eager calls, without the custom ops' dispatch layers (their
+    autograd wrapper, redispatch and dynamo guard cost ~130 us of host time a forward + backward; see Host time)."""
+
+    @staticmethod
+    def forward(ctx, x, mean, log_sigma):
+        _setup_context(ctx, (x, mean, log_sigma), None)
+        return _forward_impl(x, mean, log_sigma)
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        return _backward(ctx, grad_nll, launch=_backward_impl)
 
 
 # --- public function ---
@@ -256,8 +283,8 @@ def _check_inputs(x, mean, log_sigma, backend):
         raise ValueError("x must be (N, ...) with a batch dimension first, not a 0-d tensor")
     if mean.shape != x.shape:
         raise ValueError(f"mean has shape {tuple(mean.shape)} but x has {tuple(x.shape)}; they must be equal")
-    try:
-        broadcast_shape = torch.broadcast_shapes(log_sigma.shape, x.shape)
+    try:  # torch.broadcast_shapes costs ~30 us: only for a log_sigma of another shape
+        broadcast_shape = x.shape if log_sigma.shape == x.shape else torch.broadcast_shapes(log_sigma.shape, x.shape)
     except RuntimeError:
         broadcast_shape = None
     if broadcast_shape != x.shape:
@@ -299,5 +326,9 @@ def gaussian_nll(x, mean, log_sigma, backend="auto"):
         return gaussian_nll_reference(x, mean, log_sigma)
 
     # A broadcast log_sigma goes in as a stride-0 view; the launchers materialise it in x's layout, and autograd sums
-    # its gradient back through this expand.
-    return _forward_launch(x, mean, log_sigma.expand(x.shape))
+    # its gradient back through this expand. Traced by torch.compile: the custom ops; called eagerly: the same
+    # launchers through a plain autograd.Function, with less host time (see Host time).
+    log_sigma = log_sigma.expand(x.shape)
+    if torch.compiler.is_compiling():
+        return _forward_launch(x, mean, log_sigma)
+    return _EagerGaussianNLL.apply(x, mean, log_sigma)

@@ -255,26 +255,55 @@ def fail_if_called(*args):
     raise AssertionError("the Triton launcher ran")
 
 
+def forbid_triton(monkeypatch):
+    # Both ways in: the custom op (traced by torch.compile) and the launcher an eager call runs.
+    monkeypatch.setattr(nll_module, "_forward_launch", fail_if_called)
+    monkeypatch.setattr(nll_module, "_forward_impl", fail_if_called)
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_cpu_tensors_take_the_reference_path(monkeypatch, backend):
     # Even with TRITON_INTERPRET=1 set, "auto" keeps CPU tensors on the reference: the interpreter is opt-in.
-    monkeypatch.setattr(nll_module, "_forward_launch", fail_if_called)
+    forbid_triton(monkeypatch)
     x, mean, log_sigma = make_inputs((2, 3, 4, 4), torch.float32, 2.0)
     expected = gaussian_nll_reference(x, mean, log_sigma)
     torch.testing.assert_close(gaussian_nll(x, mean, log_sigma, backend=backend), expected)
 
 
 @needs_triton
-def test_backend_triton_runs_the_launcher(monkeypatch):
+def test_eager_call_runs_the_launchers_without_the_custom_ops(monkeypatch):
+    # Eager calls skip the custom ops' dispatch (host time), but run the same launchers, forward and backward.
     calls = []
-    launch = nll_module._forward_launch
-    monkeypatch.setattr(nll_module, "_forward_launch", lambda *inputs: calls.append(1) or launch(*inputs))
-    gaussian_nll(*make_inputs((2, 5), torch.float32, 2.0), backend="triton")
-    assert calls == [1]
+    for name in ("_forward_impl", "_backward_impl"):
+        launcher = getattr(nll_module, name)
+        monkeypatch.setattr(nll_module, name, lambda *inputs, f=launcher, n=name: calls.append(n) or f(*inputs))
+    for name in ("_forward_launch", "_backward_launch"):
+        monkeypatch.setattr(nll_module, name, fail_if_called)
+    x, mean, log_sigma = make_inputs((2, 5), torch.float32, 2.0)
+    torch.autograd.grad(gaussian_nll(x, mean, log_sigma, backend="triton").sum(), (mean, log_sigma))
+    assert calls == ["_forward_impl", "_backward_impl"]
+
+
+@needs_triton
+def test_torch_compile_traces_the_custom_op_and_agrees_with_the_eager_path():
+    graphs = []
+
+    def keep_graph(graph_module, example_inputs):  # a dynamo backend that runs the captured graph as it is
+        graphs.append(str(graph_module.graph))
+        return graph_module.forward
+
+    x, mean, log_sigma = make_inputs((3, 2, 4, 5), torch.float32, 2.0)
+    compiled = torch.compile(lambda *inputs: gaussian_nll(*inputs, backend="triton"), backend=keep_graph)
+    upstream = torch.tensor([0.7, 1.3, 1.0])
+    results = nll_and_grads(compiled, x, mean, log_sigma, upstream)
+    eager_results = nll_and_grads(lambda *inputs: gaussian_nll(*inputs, backend="triton"), x, mean, log_sigma, upstream)
+    assert len(graphs) == 1 and "vae.gaussian_nll_fwd" in graphs[0]
+    for result, eager_result in zip(results, eager_results):
+        torch.testing.assert_close(result, eager_result, rtol=0, atol=0)  # the same kernels on the same inputs
 
 
 def test_float64_uses_the_reference_and_stays_float64(monkeypatch):
-    monkeypatch.setattr(nll_module, "_forward_launch", fail_if_called)
+    forbid_triton(monkeypatch)
     assert gaussian_nll(*make_inputs((2, 5), torch.float64, 2.0)).dtype == torch.float64
 
 
@@ -389,3 +418,16 @@ def test_bench_nll_runs_end_to_end_and_rewrites_its_file_after_every_row(tmp_pat
     assert table.count("\n| fp32 | ") == 13 and "| fp32 | 2048 | 8 (default, again) |" in table
     # Written after each of the 2 rows, after the table, and after each of the 13 configurations of the sweep.
     assert result.stdout.count(f"wrote {out}") == 2 + 1 + 13
+
+
+@pytest.mark.skipif(not nll_module.TRITON_AVAILABLE, reason="bench/bench_nll_host.py needs triton")
+def test_bench_nll_host_writes_its_three_rows(tmp_path):
+    out = tmp_path / "host.md"
+    result = subprocess.run([sys.executable, "bench/bench_nll_host.py", "--device", "cpu", "--calls", "20",
+                             "--rounds", "2", "--out", str(out)], cwd=os.path.dirname(common.__file__),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = out.read_text()
+    assert "`python bench/bench_nll_host.py --device cpu --calls 20 --rounds 2 --out " in table
+    rows = [line.strip("| ").split(" | ") for line in table.splitlines() if line.startswith(("| kernels", "| PyTorch"))]
+    assert len(rows) == 3 and all(0 < float(low) <= float(median) <= float(high) for _, median, low, high in rows)

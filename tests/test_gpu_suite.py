@@ -76,7 +76,8 @@ def test_every_stage_runs_packs_and_leaves_results_alone(first_session):
     out = folder / "out"
     log = (out / "suite.log").read_text()
     assert result.returncode == 0, log[-3000:]
-    assert exits(log) == {"env": 0, "nll": 0, "train": 0, "mnist_learned": 124, "2d": 0}, log[-3000:]  # its box
+    assert exits(log) == {"env": 0, "nll": 0, "nll-host": 0, "train": 0, "mnist_learned": 124,
+                         "2d": 0}, log[-3000:]  # its box
     assert "=== tests: skipped" in log and "all that ran succeeded" in log.splitlines()[-1]
     assert re.search(r"^=== celeba: skipped, no .*no_celeba/img_align_celeba \(carry .* to run it\)$", log, re.M)
     assert "train_images.py --epochs 1000" in log and "--dataset mnist --sigma learned" in log
@@ -84,7 +85,8 @@ def test_every_stage_runs_packs_and_leaves_results_alone(first_session):
     assert "=== mnist_fixed: skipped, the budget stopped mnist_learned before it" in log
     assert log.index("=== mnist_learned: exit") < log.index("=== 2d (time box")  # background lines come after
     packed = members(out)
-    for name in ["results/bench_nll.md", "results/bench_train.md", "results/2d/tiny/table1.md"]:
+    for name in ["results/bench_nll.md", "results/bench_nll_host_cpu.md", "results/bench_train.md",
+                 "results/2d/tiny/table1.md"]:
         assert name in packed, sorted(packed)
     assert any(name.startswith("runs/gpu_suite_mnist_learned/events.out.tfevents.") for name in packed)
     assert sum(member.size for member in packed.values()) < 5 * MIB  # no checkpoint, nothing else big
@@ -173,4 +175,4 @@ def test_unknown_stage_and_spent_budget(tmp_path):
     result = suite(tmp_path, tmp_path, "env", "nll", BUDGET="30")
     assert result.returncode == 0, result.stdout
     assert re.search(r"^=== env: skipped, [45] s of the budget left", result.stdout, re.M), result.stdout
-    assert "=== nll: skipped" in result.stdout and "env=skipped nll=skipped" in result.stdout
+    assert "=== nll: skipped" in result.stdout and "env=skipped nll=skipped nll-host=skipped" in result.stdout

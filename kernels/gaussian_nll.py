@@ -176,10 +176,10 @@ def _empty_in_kernel_layout(x):
 def _in_kernel_layout(x, mean, log_sigma):
     """x, mean, log_sigma of one shape and any strides -> the same values in one sample-dense layout, x's if it has
     one. Only what is not in that layout yet is copied: nothing for NCHW or channels_last inputs that agree."""
-    if x.stride() == mean.stride() == log_sigma.stride() and _is_sample_dense(x):
-        return x, mean, log_sigma  # the usual case, decided with one check (host time)
     if not _is_sample_dense(x):
         x = _empty_in_kernel_layout(x).copy_(x)
+    elif x.stride() == mean.stride() == log_sigma.stride():
+        return x, mean, log_sigma  # the usual case: nothing more to compare (host time)
     layout = _strides_that_matter(x)
     mean, log_sigma = (
         t if _strides_that_matter(t) == layout else torch.empty_like(x).copy_(t)  # e.g. a broadcast log_sigma

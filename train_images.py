@@ -777,14 +777,15 @@ def record_run(args, model, obs, test_pixels, final, iwae, record, out, device):
     sigma_summary = f"{sigma.mean().item():.4g}" if sigma.numel() == 1 else \
         f"per pixel: median {sigma.median().item():.3g}, min {sigma.min().item():.3g}, max {sigma.max().item():.3g}"
     os.makedirs(out, exist_ok=True)
-    name = f"{args.dataset}_{args.sigma}{'_warmstart' if args.lv_warmup else ''}_{args.likelihood}"
+    name = f"{args.dataset}_{args.sigma}{'_warmstart' if args.lv_warmup else ''}_{args.likelihood}" + \
+        (f"_seed{args.seed}" if args.seed else "")  # seed 0 keeps the names the figures always had
     grids = list(figures(model, obs, test_pixels, device, torch.Generator(device).manual_seed(0))[0].items())
     title = f"{args.dataset}, {setting_name(args.sigma, args.sigma_value, args.lv_warmup)}, {args.likelihood} " \
         f"likelihood, {args.epochs} epoch(s)"
     for kind, part in [("reconstructions", grids[:2]), ("generations", grids[2:])]:
         save_grids(dict(part), os.path.join(out, f"{name}_{kind}.png"), title, record["command"])
     record.update(dataset=args.dataset, sigma=args.sigma, sigma_value=args.sigma_value, lv_warmup=args.lv_warmup,
-                  likelihood=args.likelihood,
+                  likelihood=args.likelihood, seed=args.seed,
                   epochs=args.epochs, final=final, iwae=iwae, iwae_k=args.iwae_k, dtype=args.dtype,
                   compile=args.compile, sigma_summary=sigma_summary + (" (sqrt of the training MSE)"
                                                                        if args.sigma == "optimal" else ""),

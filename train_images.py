@@ -44,7 +44,9 @@ import json
 import math
 import os
 import random
+import re
 import signal
+import statistics
 import sys
 import time
 
@@ -577,6 +579,59 @@ def paper_value(run):
     return PAPER_TABLE2[run["dataset"], run["sigma"]]
 
 
+def run_seed(run):
+    """A recorded run's --seed; for runs recorded before the seed was, read from its run folder (…__seed3__…)."""
+    if "seed" in run:
+        return run["seed"]
+    found = re.search(r"__seed(\d+)__", run.get("run_dir", ""))
+    return int(found.group(1)) if found else None
+
+
+def over_seeds(runs):
+    """Table 2's rows run with several seeds: for each command that differs only in --seed, the last run of each
+    seed, and the mean, sample standard deviation and range over them of each bound, PSNR and the gap."""
+    groups = {}
+    for run in runs:
+        groups.setdefault(re.sub(r" --seed[ =]\S+", "", run["command"]), {})[run_seed(run)] = run  # the last run counts
+    lines = []
+    for command, by_seed in groups.items():
+        if len(by_seed) < 2:
+            continue
+        seeded = [by_seed[seed] for seed in sorted(by_seed, key=lambda seed: -1 if seed is None else seed)]
+        values = {
+            "elbo": [run["final"]["table2_bits_per_pixel"] for run in seeded],
+            "iwae": [run["iwae"]["table2_bits_per_pixel"] for run in seeded],
+            "elbo_8bit": [run["final"]["bits_per_dim_8bit"] for run in seeded],
+            "iwae_8bit": [run["iwae"]["bits_per_dim_8bit"] for run in seeded],
+            "nats": [run["final"]["nats_per_image"] for run in seeded],
+            "psnr": [run.get("psnr_db") for run in seeded],
+            "gap": [run["final_train"]["nats_per_image"] - run["final"]["nats_per_image"] if "final_train" in run
+                    else None for run in seeded],
+        }
+        spread = lambda v: "n/a" if None in v else \
+            f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f} [{min(v):.3f}, {max(v):.3f}]"
+        run = seeded[0]
+        lines.append(f"| {run['dataset']} | {setting_name(run['sigma'], run['sigma_value'], run.get('lv_warmup', 0))} "
+                     f"| {run['likelihood']} | {run['epochs']} | {', '.join(str(run_seed(r)) for r in seeded)} | "
+                     + " | ".join(spread(v) for v in values.values()) + f" | `{command}` |")
+    if not lines:
+        return []
+    return [
+        "",
+        "## Over seeds",
+        "",
+        ("Rows whose commands differ only in --seed (no --seed: seed 0), the last run of each seed: mean ± sample "
+         "standard deviation over the seeds [min, max]. A difference between two settings is a finding only where it "
+         "stands out of this spread. Units as above; ELBO in nats per image, higher is better."),
+        "",
+        ("| dataset | setting | likelihood | epochs | seeds | ELBO, Table-2 bits/pixel | IWAE-k, Table-2 bits/pixel "
+         "| ELBO, 8-bit bits/dim | IWAE-k, 8-bit bits/dim | ELBO, nats/image | reconstruction PSNR, dB "
+         "| gap, nats/image | command, without --seed |"),
+        "|" + "---|" * 13,
+        *lines,
+    ]
+
+
 def write_table2(out):
     """<out>/table2.md from every finished run recorded in <out>/runs.jsonl."""
     with open(os.path.join(out, "runs.jsonl")) as f:
@@ -611,11 +666,11 @@ def write_table2(out):
         "log 2pi' adds 0.5 log2(2 pi) = 1.326 bits to our Table-2 figure to show that convention, the closest to the "
         "paper's. It caps sigma^2 = 1/2 at +0.5 bits/pixel.",
         "",
-        "| dataset | setting | likelihood | epochs | train images | ELBO, Table-2 bits/pixel | IWAE-k, Table-2 "
+        "| dataset | setting | likelihood | seed | epochs | train images | ELBO, Table-2 bits/pixel | IWAE-k, Table-2 "
         "bits/pixel | ELBO, Table-2 bits/pixel, no 0.5 log 2pi | ELBO, 8-bit bits/dim | IWAE-k, 8-bit bits/dim "
         "| gap: ELBO on training images - test ELBO, nats/image | k, images | final sigma | reconstruction PSNR, dB "
         "| sigma on edges / elsewhere | wall time | hardware | the paper's Table 2 value (paper's number) | command |",
-        "|" + "---|" * 19,
+        "|" + "---|" * 20,
     ]
     for run in runs:
         final, iwae = run["final"], run["iwae"]
@@ -625,12 +680,13 @@ def write_table2(out):
         wall = f"{run['wall_minutes']:.1f} min" + (f" ({run['train_minutes']:.1f})" if "train_minutes" in run else "")
         gap = run["final_train"]["nats_per_image"] - final["nats_per_image"] if "final_train" in run else None
         lines.append(
-            f"| {run['dataset']} | {setting} | {run['likelihood']} "
+            f"| {run['dataset']} | {setting} | {run['likelihood']} | {run_seed(run)} "
             f"| {run['epochs']} | {run['train_images']} | {fmt(final['table2_bits_per_pixel'])} "
             f"| {fmt(iwae['table2_bits_per_pixel'])} | {fmt(without_2pi)} | {fmt(final['bits_per_dim_8bit'])} "
             f"| {fmt(iwae['bits_per_dim_8bit'])} | {fmt(gap)} | {run['iwae_k']}, {run['iwae_images']} "
             f"| {run['sigma_summary']} | {fmt(run.get('psnr_db'))} | {fmt(run.get('edge_sigma_ratio'))} "
             f"| {wall} | {run['hardware']} | {paper_value(run)} | `{run['command']}` |")
+    lines += over_seeds(runs)
     write_file_atomically(os.path.join(out, "table2.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
 

@@ -179,6 +179,34 @@ def test_runs_that_finish_together_take_turns_at_table_2(tmp_path):
     assert (tmp_path / "table2.md").read_text().count(f"| {record['dataset']} |") == 2
 
 
+def test_table_2_gathers_the_seeds_of_a_row(tmp_path):
+    """Runs whose commands differ only in --seed get one row under 'Over seeds': the last run of each seed, mean,
+    sample standard deviation and range; a run recorded without its seed has it read from its run folder."""
+    with open(os.path.join(ROOT, "results", "images", "runs.jsonl")) as f:
+        template = json.loads(f.readline())  # a real record, as record_run writes it
+    template.pop("seed", None)
+    command = "python train_images.py --dataset mnist --epochs 3 --sigma learned"
+    records = []
+    for seed, nats, command_seed in [(0, -100.0, ""), (1, 999.0, " --seed 1"), (2, -104.0, " --seed=2"),
+                                     (1, -102.0, " --seed 1")]:  # seed 1 run again: its last run counts
+        record = json.loads(json.dumps(template))
+        record.update(command=command + command_seed, run_dir=f"runs/train_images__mnist__learned__seed{seed}__1")
+        record["final"]["nats_per_image"] = nats
+        records.append(record)
+    alone = json.loads(json.dumps(template))
+    alone.update(command=command + " --lr 1e-4 --seed 5", seed=5)
+    with open(tmp_path / "runs.jsonl", "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in [*records, alone])
+    train_images.write_table2(str(tmp_path))
+    table = (tmp_path / "table2.md").read_text()
+    _, _, seeds = table.partition("## Over seeds")
+    (row,) = [line for line in seeds.splitlines() if line.startswith("| ")][1:]  # below the header
+    cells = row.split(" | ")
+    assert cells[4] == "0, 1, 2" and f"`{command}`" in row and "--lr 1e-4" not in seeds
+    assert cells[9] == "-102.000 ± 2.000 [-104.000, -100.000]"  # nats/image of seeds 0, 1 (its last run), 2
+    assert f"| {template['likelihood']} | 5 |" in table and f"| {template['likelihood']} | 0 |" in table
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--sigma", "learned", "--sigma-value", "0.1"], "--sigma-value goes with --sigma fixed only"),
     (["--dataset", "celeba", "--download"], "--download fetches MNIST only"),
@@ -666,12 +694,13 @@ def test_warm_start_hand_over_leaves_the_elbo_unchanged():
 
 def test_warm_start_run_hands_over_at_its_step_and_records_its_row(tmp_path):
     data = write_tiny_mnist(tmp_path / "mnist")
-    result = run(["--epochs", "2", "--lv-warmup", "4", *tiny_flags(tmp_path, data)])
+    result = run(["--epochs", "2", "--lv-warmup", "4", "--seed", "1", *tiny_flags(tmp_path, data)])
     assert result.returncode == 0, result.stderr[-3000:]
     state = only_checkpoint(tmp_path)
     assert bool(state["obs"]["handed_over"]) and state["model"]["decoder.11.bias"][1] != 0
     (record,) = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
-    assert record["lv_warmup"] == 4 and "LV-VAE, warm start (4 steps)" in (tmp_path / "out" / "table2.md").read_text()
-    assert (tmp_path / "out" / "mnist_learned_warmstart_continuous_reconstructions.png").exists()
+    assert record["lv_warmup"] == 4 and record["seed"] == 1
+    assert "| LV-VAE, warm start (4 steps) | continuous | 1 |" in (tmp_path / "out" / "table2.md").read_text()
+    assert (tmp_path / "out" / "mnist_learned_warmstart_continuous_seed1_reconstructions.png").exists()  # seed 0's stay
     result = run(["--sigma", "fixed", "--lv-warmup", "4"])
     assert result.returncode == 2 and "--lv-warmup goes with --sigma learned only" in result.stderr

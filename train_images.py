@@ -587,6 +587,11 @@ def run_seed(run):
     return int(found.group(1)) if found else None
 
 
+def train_gap(run):
+    """A recorded run's one-sample ELBO on training images minus its test ELBO, nats/image (None if not measured)."""
+    return run["final_train"]["nats_per_image"] - run["final"]["nats_per_image"] if "final_train" in run else None
+
+
 def over_seeds(runs):
     """Table 2's rows run with several seeds: for each command that differs only in --seed, the last run of each
     seed, and the mean, sample standard deviation and range over them of each bound, PSNR and the gap."""
@@ -605,8 +610,7 @@ def over_seeds(runs):
             "iwae_8bit": [run["iwae"]["bits_per_dim_8bit"] for run in seeded],
             "nats": [run["final"]["nats_per_image"] for run in seeded],
             "psnr": [run.get("psnr_db") for run in seeded],
-            "gap": [run["final_train"]["nats_per_image"] - run["final"]["nats_per_image"] if "final_train" in run
-                    else None for run in seeded],
+            "gap": [train_gap(run) for run in seeded],
         }
         spread = lambda v: "n/a" if None in v else \
             f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f} [{min(v):.3f}, {max(v):.3f}]"
@@ -678,12 +682,11 @@ def write_table2(out):
         table2 = final["table2_bits_per_pixel"]
         without_2pi = None if table2 is None else table2 + 0.5 * math.log2(2 * math.pi)
         wall = f"{run['wall_minutes']:.1f} min" + (f" ({run['train_minutes']:.1f})" if "train_minutes" in run else "")
-        gap = run["final_train"]["nats_per_image"] - final["nats_per_image"] if "final_train" in run else None
         lines.append(
             f"| {run['dataset']} | {setting} | {run['likelihood']} | {run_seed(run)} "
             f"| {run['epochs']} | {run['train_images']} | {fmt(final['table2_bits_per_pixel'])} "
             f"| {fmt(iwae['table2_bits_per_pixel'])} | {fmt(without_2pi)} | {fmt(final['bits_per_dim_8bit'])} "
-            f"| {fmt(iwae['bits_per_dim_8bit'])} | {fmt(gap)} | {run['iwae_k']}, {run['iwae_images']} "
+            f"| {fmt(iwae['bits_per_dim_8bit'])} | {fmt(train_gap(run))} | {run['iwae_k']}, {run['iwae_images']} "
             f"| {run['sigma_summary']} | {fmt(run.get('psnr_db'))} | {fmt(run.get('edge_sigma_ratio'))} "
             f"| {wall} | {run['hardware']} | {paper_value(run)} | `{run['command']}` |")
     lines += over_seeds(runs)

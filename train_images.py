@@ -592,6 +592,25 @@ def train_gap(run):
     return run["final_train"]["nats_per_image"] - run["final"]["nats_per_image"] if "final_train" in run else None
 
 
+FIGURE_KINDS = ["reconstructions", "generations"]
+
+
+def figure_stem(run):
+    """A run's figures are <stem>_reconstructions.png and <stem>_generations.png: named by dataset, sigma, likelihood,
+    epochs and seed (none for seed 0), so that a run of another length or seed keeps the others' figures."""
+    seed = run_seed(run)
+    return f"{run['dataset']}_{run['sigma']}{'_warmstart' if run.get('lv_warmup') else ''}_{run['likelihood']}_" \
+        f"{run['epochs']}ep" + (f"_seed{seed}" if seed else "")
+
+
+def figure_cell(run, out):
+    """Table 2's cell for a run's figures in <out>: their common name, or n/a where they are not there (a run
+    recorded before figures were named by epochs, whose figures a later run of the same setting replaced)."""
+    stem = figure_stem(run)
+    found = all(os.path.exists(os.path.join(out, f"{stem}_{kind}.png")) for kind in FIGURE_KINDS)
+    return f"`{stem}_{{{','.join(FIGURE_KINDS)}}}.png`" if found else "n/a"
+
+
 def over_seeds(runs):
     """Table 2's rows run with several seeds: for each command that differs only in --seed, the last run of each
     seed, and the mean, sample standard deviation and range over them of each bound, PSNR and the gap."""
@@ -662,7 +681,9 @@ def write_table2(out):
         "frontier between the black and white regions'); n/a for a scalar sigma and for runs recorded before these "
         "were measured. Under the discretized likelihood, sigma on a pixel at 0 or 255 is no sharpness: its bin is "
         "open-ended, so any sigma gives it a probability near 1 once the mean lies a few sigma beyond the bin's edge, "
-        "and its final sigma and edge ratio compare such pixels with the rest.",
+        "and its final sigma and edge ratio compare such pixels with the rest. Figures: the run's reconstructions and "
+        "generations beside this table, named by setting, epochs and seed (n/a: recorded before figures were named "
+        "by epochs, and replaced since by a later run of the same setting).",
         "",
         "Which convention is the paper's? With every constant included, sigma^2 = 1/2 (the MSE) caps the density at "
         "-0.5 log2(pi) = -0.83 bits/pixel, so the paper's F-VAE MNIST value, +0.06, cannot include them all. Its "
@@ -673,8 +694,9 @@ def write_table2(out):
         "| dataset | setting | likelihood | seed | epochs | train images | ELBO, Table-2 bits/pixel | IWAE-k, Table-2 "
         "bits/pixel | ELBO, Table-2 bits/pixel, no 0.5 log 2pi | ELBO, 8-bit bits/dim | IWAE-k, 8-bit bits/dim "
         "| gap: ELBO on training images - test ELBO, nats/image | k, images | final sigma | reconstruction PSNR, dB "
-        "| sigma on edges / elsewhere | wall time | hardware | the paper's Table 2 value (paper's number) | command |",
-        "|" + "---|" * 20,
+        "| sigma on edges / elsewhere | wall time | hardware | the paper's Table 2 value (paper's number) | figures "
+        "| command |",
+        "|" + "---|" * 21,
     ]
     for run in runs:
         final, iwae = run["final"], run["iwae"]
@@ -688,7 +710,7 @@ def write_table2(out):
             f"| {fmt(iwae['table2_bits_per_pixel'])} | {fmt(without_2pi)} | {fmt(final['bits_per_dim_8bit'])} "
             f"| {fmt(iwae['bits_per_dim_8bit'])} | {fmt(train_gap(run))} | {run['iwae_k']}, {run['iwae_images']} "
             f"| {run['sigma_summary']} | {fmt(run.get('psnr_db'))} | {fmt(run.get('edge_sigma_ratio'))} "
-            f"| {wall} | {run['hardware']} | {paper_value(run)} | `{run['command']}` |")
+            f"| {wall} | {run['hardware']} | {paper_value(run)} | {figure_cell(run, out)} | `{run['command']}` |")
     lines += over_seeds(runs)
     write_file_atomically(os.path.join(out, "table2.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
@@ -835,23 +857,22 @@ def record_run(args, model, obs, test_pixels, final, iwae, record, out, device):
     psnr_db, edge_sigma_ratio = reconstruction_measures(x, mean, log_sigma)
     sigma_summary = f"{sigma.mean().item():.4g}" if sigma.numel() == 1 else \
         f"per pixel: median {sigma.median().item():.3g}, min {sigma.min().item():.3g}, max {sigma.max().item():.3g}"
-    os.makedirs(out, exist_ok=True)
-    name = f"{args.dataset}_{args.sigma}{'_warmstart' if args.lv_warmup else ''}_{args.likelihood}" + \
-        (f"_seed{args.seed}" if args.seed else "")  # seed 0 keeps the names the figures always had
-    grids = list(figures(model, obs, test_pixels, device, torch.Generator(device).manual_seed(0))[0].items())
-    title = f"{args.dataset}, {setting_name(args.sigma, args.sigma_value, args.lv_warmup)}, {args.likelihood} " \
-        f"likelihood, {args.epochs} epoch(s)"
-    for kind, part in [("reconstructions", grids[:2]), ("generations", grids[2:])]:
-        save_grids(dict(part), os.path.join(out, f"{name}_{kind}.png"), title, record["command"])
     record.update(dataset=args.dataset, sigma=args.sigma, sigma_value=args.sigma_value, lv_warmup=args.lv_warmup,
                   likelihood=args.likelihood, seed=args.seed,
                   epochs=args.epochs, final=final, iwae=iwae, iwae_k=args.iwae_k, dtype=args.dtype,
                   compile=args.compile, sigma_summary=sigma_summary + (" (sqrt of the training MSE)"
                                                                        if args.sigma == "optimal" else ""),
                   psnr_db=psnr_db, edge_sigma_ratio=edge_sigma_ratio)
+    os.makedirs(out, exist_ok=True)
+    name = figure_stem(record)
+    grids = list(figures(model, obs, test_pixels, device, torch.Generator(device).manual_seed(0))[0].items())
+    title = f"{args.dataset}, {setting_name(args.sigma, args.sigma_value, args.lv_warmup)}, {args.likelihood} " \
+        f"likelihood, {args.epochs} epoch(s)"
+    for kind, part in zip(FIGURE_KINDS, [grids[:2], grids[2:]]):
+        save_grids(dict(part), os.path.join(out, f"{name}_{kind}.png"), title, record["command"])
     append_run(out, record)
     print(f"final: {json.dumps(final)}\nIWAE-{args.iwae_k}: {json.dumps(iwae)}\nwrote {out}/table2.md, "
-          f"{name}_reconstructions.png, {name}_generations.png")
+          + ", ".join(f"{name}_{kind}.png" for kind in FIGURE_KINDS))
 
 
 # --- main ---

@@ -138,9 +138,10 @@ def test_end_to_end_writes_table_and_figures(tmp_path):
     assert runs[2]["final"]["table2_bits_per_pixel"] is None and runs[2]["final"]["bits_per_dim_8bit"] > 0
     table = (out / "table2.md").read_text()
     assert table.count("| mnist |") == 3 and "| 0.06 |" in table and "| 4.89 |" in table
-    for name in ["mnist_fixed_continuous", "mnist_learned_continuous", "mnist_learned_discretized"]:
+    for name in ["mnist_fixed_continuous_1ep", "mnist_learned_continuous_1ep", "mnist_learned_discretized_1ep"]:
         for kind in ["reconstructions", "generations"]:
             assert (out / f"{name}_{kind}.png").stat().st_size > 500
+        assert f"| `{name}_{{reconstructions,generations}}.png` | `python train_images.py " in table
 
 
 def test_reconstruction_measures_on_hand_made_images():
@@ -205,6 +206,15 @@ def test_table_2_gathers_the_seeds_of_a_row(tmp_path):
     assert cells[4] == "0, 1, 2" and f"`{command}`" in row and "--lr 1e-4" not in seeds
     assert cells[9] == "-102.000 ± 2.000 [-104.000, -100.000]"  # nats/image of seeds 0, 1 (its last run), 2
     assert f"| {template['likelihood']} | 5 |" in table and f"| {template['likelihood']} | 0 |" in table
+    # The figures cell: n/a while a run's figures are not beside the table, their name once they are.
+    assert table.partition("## Over seeds")[0].count(f"| n/a | `{command}") == 5
+    stem = f"{template['dataset']}_{template['sigma']}_{template['likelihood']}_{template['epochs']}ep_seed2"
+    for kind in ["reconstructions", "generations"]:
+        (tmp_path / f"{stem}_{kind}.png").write_bytes(b"")
+    train_images.write_table2(str(tmp_path))
+    table = (tmp_path / "table2.md").read_text()
+    assert f"| `{stem}_{{reconstructions,generations}}.png` | `{command} --seed=2` |" in table
+    assert table.partition("## Over seeds")[0].count(f"| n/a | `{command}") == 4
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -588,7 +598,7 @@ def short_run(tmp_path_factory):
 def test_a_run_writes_into_its_own_folder_and_records_a_relative_command(short_run):
     result, run_dir, data, results = short_run
     assert {path: path.stat().st_mtime_ns for path in (pathlib.Path(ROOT) / "results").rglob("*")} == results
-    assert {"table2.md", "runs.jsonl", "mnist_learned_continuous_generations.png"} <= set(os.listdir(run_dir))
+    assert {"table2.md", "runs.jsonl", "mnist_learned_continuous_2ep_generations.png"} <= set(os.listdir(run_dir))
     (record,) = [json.loads(line) for line in (run_dir / "runs.jsonl").read_text().splitlines()]
     assert record["command"].startswith("python train_images.py --epochs 2 ")
     # The generalisation gap: the same one-sample ELBO on 32 training images, minus the test ELBO.
@@ -623,7 +633,7 @@ def test_a_short_run_logs_its_first_step_and_every_epoch_to_tensorboard(short_ru
 def test_figures_are_labelled_scaled_up_and_carry_their_command(short_run):
     _, run_dir, _, _ = short_run
     for kind in ["reconstructions", "generations"]:
-        with Image.open(run_dir / f"mnist_learned_continuous_{kind}.png") as image:
+        with Image.open(run_dir / f"mnist_learned_continuous_2ep_{kind}.png") as image:
             assert image.width >= 4 * 115 and "python train_images.py --epochs 2" in image.info["Description"]
 
 
@@ -701,6 +711,6 @@ def test_warm_start_run_hands_over_at_its_step_and_records_its_row(tmp_path):
     (record,) = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
     assert record["lv_warmup"] == 4 and record["seed"] == 1
     assert "| LV-VAE, warm start (4 steps) | continuous | 1 |" in (tmp_path / "out" / "table2.md").read_text()
-    assert (tmp_path / "out" / "mnist_learned_warmstart_continuous_seed1_reconstructions.png").exists()  # seed 0's stay
+    assert (tmp_path / "out" / "mnist_learned_warmstart_continuous_2ep_seed1_reconstructions.png").exists()
     result = run(["--sigma", "fixed", "--lv-warmup", "4"])
     assert result.returncode == 2 and "--lv-warmup goes with --sigma learned only" in result.stderr

@@ -3,6 +3,7 @@
     python train_images.py --dataset mnist --sigma learned             # LV-VAE, per-pixel sigma (Eq. 11)
     python train_images.py --dataset mnist --sigma fixed --epochs 10   # F-VAE, sigma = 1/sqrt(2): the MSE loss
     python train_images.py --sigma learned --lv-warmup 234             # LV-VAE after 234 steps of LS-VAE (ours)
+    python train_images.py --sigma learned --lv-warmup 234 --lv-fresh-adam   # ... with a fresh Adam at the hand-over
     python train_images.py --dataset celeba --sigma learned --data-dir data/celeba
     python train_images.py --resume runs/<run>/ckpt.pt --epochs 20     # continue a run exactly where it stopped
     python train_images.py --epochs 1000 --eval-every 25 --out results/images   # a Table 2 row, recorded
@@ -122,6 +123,9 @@ parser.add_argument("--sigma-value", type=float, help="with --sigma fixed: sigma
 parser.add_argument("--lv-warmup", type=int, default=0, help="with --sigma learned: train as LS-VAE for this many "
                     "steps, then hand over to the per-pixel sigma head (ours, not the paper's; default 0: the paper's "
                     "LV-VAE from scratch)")
+parser.add_argument("--lv-fresh-adam", action="store_true", help="with --lv-warmup: at the hand-over, restart Adam's "
+                    "state (moments and step count) of the decoder's output layer, so that the sigma head's first "
+                    "updates are bias-corrected (~lr) rather than up to ~6 lr (default: keep it)")
 parser.add_argument("--likelihood", choices=["continuous", "discretized"], default="continuous",
                     help="continuous Gaussian density (default) or Gaussian integrated over each 1/255 pixel bin")
 parser.add_argument("--nll-kernel", choices=["auto", "triton", "torch"], default="auto",
@@ -177,6 +181,8 @@ def parse_args(argv=None):
         parser.error("--lv-warmup goes with --sigma learned only (it hands LS-VAE over to the per-pixel head)")
     if args.lv_warmup < 0:
         parser.error("--lv-warmup must be >= 0")
+    if args.lv_fresh_adam and not args.lv_warmup:
+        parser.error("--lv-fresh-adam restarts Adam at the warm start's hand-over; add --lv-warmup N or drop it")
     if args.nll_kernel == "triton" and args.likelihood == "discretized":
         parser.error("--nll-kernel triton fuses the continuous likelihood only; drop it or use --likelihood continuous")
     if args.nll_kernel == "triton" and not TRITON_AVAILABLE:
@@ -360,6 +366,19 @@ def load_optimizer(optimizer, saved):
             for key, value in moments.items():
                 moments[key] = value.to(parameter.device, torch.float32) if key == "step" else \
                     torch.empty_like(parameter).copy_(value)
+
+
+@torch.no_grad()
+def restart_adam(optimizer, parameters):
+    """--lv-fresh-adam: Adam's state of `parameters` becomes a fresh Adam's, moments and step count 0, in place (a
+    CUDA graph reads these tensors). Adam keeps one step count per tensor, so without this the sigma head, whose
+    moments are still 0 at the hand-over, shares the output layer's count of hundreds of steps: its bias correction
+    is ~1 where a fresh head's is 1 - 0.999**k, and under a steady gradient g its k-th update is
+    lr (1 - 0.9**k) / sqrt(1 - 0.999**k), 3.2 lr at k = 1 and 6.5 lr at k = 10, rather than lr. The layer's mean
+    half restarts too: its first updates are lr sign(g), as for any fresh Adam."""
+    for parameter in parameters:
+        for value in optimizer.state[parameter].values():
+            value.zero_()
 
 
 class NanGuard:
@@ -565,10 +584,16 @@ def command_line(launcher, argv):
     return " ".join([launcher, inside_repository(os.path.abspath(argv[0])), *map(relative, argv[1:])])
 
 
-def setting_name(sigma, sigma_value=None, lv_warmup=0):
-    """Table 2's name of a setting: F-VAE (sigma=0.707), LS-VAE, LV-VAE, LV-VAE, warm start (N steps), sigma-VAE."""
+def setting_name(sigma, sigma_value=None, lv_warmup=0, fresh_adam=False):
+    """Table 2's name of a setting: F-VAE (sigma=0.707), LS-VAE, LV-VAE, LV-VAE, warm start (N steps[, fresh Adam]),
+    sigma-VAE."""
     name = SIGMA_NAMES[sigma] + (f" (sigma={sigma_value:.3g})" if sigma == "fixed" else "")
-    return name + (f", warm start ({lv_warmup} steps)" if lv_warmup else "")
+    return name + (f", warm start ({lv_warmup} steps{', fresh Adam' if fresh_adam else ''})" if lv_warmup else "")
+
+
+def run_setting(run):
+    """setting_name of a recorded run (runs recorded before --lv-fresh-adam existed kept Adam's state)."""
+    return setting_name(run["sigma"], run["sigma_value"], run.get("lv_warmup", 0), run.get("lv_fresh_adam", False))
 
 
 def paper_value(run):
@@ -599,7 +624,8 @@ def figure_stem(run):
     """A run's figures are <stem>_reconstructions.png and <stem>_generations.png: named by dataset, sigma, likelihood,
     epochs and seed (none for seed 0), so that a run of another length or seed keeps the others' figures."""
     seed = run_seed(run)
-    return f"{run['dataset']}_{run['sigma']}{'_warmstart' if run.get('lv_warmup') else ''}_{run['likelihood']}_" \
+    warm = ("_warmstart" + ("-freshadam" if run.get("lv_fresh_adam") else "")) if run.get("lv_warmup") else ""
+    return f"{run['dataset']}_{run['sigma']}{warm}_{run['likelihood']}_" \
         f"{run['epochs']}ep" + (f"_seed{seed}" if seed else "")
 
 
@@ -634,7 +660,7 @@ def over_seeds(runs):
         spread = lambda v: "n/a" if None in v else \
             f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f} [{min(v):.3f}, {max(v):.3f}]"
         run = seeded[0]
-        lines.append(f"| {run['dataset']} | {setting_name(run['sigma'], run['sigma_value'], run.get('lv_warmup', 0))} "
+        lines.append(f"| {run['dataset']} | {run_setting(run)} "
                      f"| {run['likelihood']} | {run['epochs']} | {', '.join(str(run_seed(r)) for r in seeded)} | "
                      + " | ".join(spread(v) for v in values.values()) + f" | `{command}` |")
     if not lines:
@@ -700,7 +726,7 @@ def write_table2(out):
     ]
     for run in runs:
         final, iwae = run["final"], run["iwae"]
-        setting = setting_name(run["sigma"], run["sigma_value"], run.get("lv_warmup", 0))
+        setting = run_setting(run)
         table2 = final["table2_bits_per_pixel"]
         without_2pi = None if table2 is None else table2 + 0.5 * math.log2(2 * math.pi)
         wall = f"{run['wall_minutes']:.1f} min" + (f" ({run['train_minutes']:.1f})" if "train_minutes" in run else "")
@@ -800,7 +826,7 @@ def announce(args, model, train_pixels, test_pixels, steps_per_epoch, eval_image
         f"continuous, {kernel(args.compile != 'none')} in training, {kernel(False)} in evaluation"
     processes = "" if world_size == 1 else f", {world_size} processes ({dist.get_backend()})"
     print(f"train_images: {args.dataset} ({len(train_pixels)} train, {len(test_pixels)} test images), "
-          f"{setting_name(args.sigma, args.sigma_value, args.lv_warmup)}, likelihood {nll_path}, "
+          f"{setting_name(args.sigma, args.sigma_value, args.lv_warmup, args.lv_fresh_adam)}, likelihood {nll_path}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, {args.dtype}, compile {args.compile}, "
           f"{steps_per_epoch} steps of {args.batch_size * world_size} an epoch{processes}, on {hardware(device)}; "
           f"run {run_dir}")
@@ -858,6 +884,7 @@ def record_run(args, model, obs, test_pixels, final, iwae, record, out, device):
     sigma_summary = f"{sigma.mean().item():.4g}" if sigma.numel() == 1 else \
         f"per pixel: median {sigma.median().item():.3g}, min {sigma.min().item():.3g}, max {sigma.max().item():.3g}"
     record.update(dataset=args.dataset, sigma=args.sigma, sigma_value=args.sigma_value, lv_warmup=args.lv_warmup,
+                  lv_fresh_adam=args.lv_fresh_adam,
                   likelihood=args.likelihood, seed=args.seed,
                   epochs=args.epochs, final=final, iwae=iwae, iwae_k=args.iwae_k, dtype=args.dtype,
                   compile=args.compile, sigma_summary=sigma_summary + (" (sqrt of the training MSE)"
@@ -866,7 +893,7 @@ def record_run(args, model, obs, test_pixels, final, iwae, record, out, device):
     os.makedirs(out, exist_ok=True)
     name = figure_stem(record)
     grids = list(figures(model, obs, test_pixels, device, torch.Generator(device).manual_seed(0))[0].items())
-    title = f"{args.dataset}, {setting_name(args.sigma, args.sigma_value, args.lv_warmup)}, {args.likelihood} " \
+    title = f"{args.dataset}, {setting_name(args.sigma, args.sigma_value, args.lv_warmup, args.lv_fresh_adam)}, {args.likelihood} " \
         f"likelihood, {args.epochs} epoch(s)"
     for kind, part in zip(FIGURE_KINDS, [grids[:2], grids[2:]]):
         save_grids(dict(part), os.path.join(out, f"{name}_{kind}.png"), title, record["command"])
@@ -973,6 +1000,8 @@ def main(args):
             step, position = step + 1, position + global_batch
             if step == args.lv_warmup:  # the warm start's hand-over (--lv-warmup), once: the ELBO does not change
                 obs.hand_over(model.decoder[-1])
+                if args.lv_fresh_adam:
+                    restart_adam(optimizer, model.decoder[-1].parameters())
             log_now = step % args.log_every == 0 or step == first_step + 1 or batch == steps_per_epoch - 1
             if log_now or (world_size == 1 and signals_received):  # one process may stop at any step, ranks at logs
                 sync(epoch, f"step {step} (epoch {epoch + 1}, {position} of {steps_per_epoch * global_batch} images)",

@@ -226,6 +226,7 @@ def test_table_2_gathers_the_seeds_of_a_row(tmp_path):
     (["--device", "cpu", "--compile", "whole-step"], "records CUDA graphs"),
     (["--eval-images", "0"], "--eval-images must be >= 1"),
     (["--eval-every", "0"], "--eval-every must be >= 1"),
+    (["--lv-fresh-adam"], "--lv-fresh-adam restarts Adam at the warm start's hand-over; add --lv-warmup N"),
 ])
 def test_contradictory_flags_are_refused(flags, message):
     result = run(flags)
@@ -702,15 +703,60 @@ def test_warm_start_hand_over_leaves_the_elbo_unchanged():
     assert model.decoder[-1].weight.grad[:, 1:].abs().max() > 0 and obs.scalar.raw_log_sigma.grad.abs().item() == 0
 
 
-def test_warm_start_run_hands_over_at_its_step_and_records_its_row(tmp_path):
+def test_fresh_adam_gives_the_sigma_head_bias_corrected_updates_and_leaves_other_layers_alone():
+    # Three LS-VAE steps, the hand-over, one more step. Kept state: the head's moments are still 0 but its step count
+    # is the layer's, t = 4 at that step, so its first update is lr (0.1 / (1 - 0.9**t)) sqrt((1 - 0.999**t) / 0.001)
+    # = 0.58 lr per weight (1.27 lr at CelebA's t = 176, 3.0 lr at MNIST's 2,346); restarted (--lv-fresh-adam): a
+    # fresh Adam's first update, lr g / |g| = lr. Every layer before the output layer: the same update in both.
+    args = train_images.parse_args(["--sigma", "learned", "--lv-warmup", "3", "--device", "cpu", "--lr", "1e-3"])
+    train_images.resolve_defaults(args, torch.device("cpu"), 1)
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8, generator=generator),
+                torch.randn(8, 256, generator=generator)) for _ in range(4)]
+    results = []
+    for fresh in [False, True]:
+        torch.manual_seed(0)
+        model, obs, step_module, optimizer = train_images.build(args, torch.device("cpu"))
+        guard = train_images.NanGuard(optimizer, 0, torch.device("cpu"))
+        for step, (pixels, eps) in enumerate(batches, start=1):
+            if step == 4:
+                before = [p.detach().clone() for p in model.parameters()]
+            train_images.train_step(step_module, optimizer, guard, pixels, eps, False)
+            if step == args.lv_warmup:
+                obs.hand_over(model.decoder[-1])
+                if fresh:
+                    train_images.restart_adam(optimizer, model.decoder[-1].parameters())
+        results.append([p.detach() - b for p, b in zip(model.parameters(), before)])
+    kept, restarted = results
+    head = lambda updates: updates[-2][:, 1:].abs()  # decoder[-1].weight (in, out = mean, raw log sigma, kH, kW)
+    moved = head(restarted) > 0
+    assert moved.float().mean() > 0.9
+    torch.testing.assert_close(head(restarted)[moved], torch.full_like(head(restarted)[moved], 1e-3), rtol=1e-3,
+                               atol=0)
+    expected = 1e-3 * 0.1 / (1 - 0.9**4) * math.sqrt((1 - 0.999**4) / 0.001)
+    torch.testing.assert_close(head(kept)[moved], torch.full_like(head(kept)[moved], expected), rtol=1e-3, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(kept[:-2], restarted[:-2]))  # every layer before the output layer
+
+
+@pytest.mark.parametrize("fresh_adam", [False, True])
+def test_warm_start_run_hands_over_at_its_step_and_records_its_row(tmp_path, fresh_adam):
     data = write_tiny_mnist(tmp_path / "mnist")
-    result = run(["--epochs", "2", "--lv-warmup", "4", "--seed", "1", *tiny_flags(tmp_path, data)])
+    flags = ["--lv-fresh-adam"] if fresh_adam else []
+    result = run(["--epochs", "2", "--lv-warmup", "4", "--seed", "1", *flags, *tiny_flags(tmp_path, data)])
     assert result.returncode == 0, result.stderr[-3000:]
     state = only_checkpoint(tmp_path)
     assert bool(state["obs"]["handed_over"]) and state["model"]["decoder.11.bias"][1] != 0
+    # Adam's step counts after the 6 steps: the output layer's restarted at the hand-over with --lv-fresh-adam
+    names = [name for name, _ in train_images.make_model(train_images.parse_args(["--lv-warmup", "4"]))[0]
+             .named_parameters()]
+    steps = {name: state["optimizer"]["state"][i]["step"].item() for i, name in enumerate(names)}
+    assert steps["decoder.11.weight"] == steps["decoder.11.bias"] == (2 if fresh_adam else 6)
+    assert {value for name, value in steps.items() if not name.startswith("decoder.11.")} == {6}
     (record,) = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
-    assert record["lv_warmup"] == 4 and record["seed"] == 1
-    assert "| LV-VAE, warm start (4 steps) | continuous | 1 |" in (tmp_path / "out" / "table2.md").read_text()
-    assert (tmp_path / "out" / "mnist_learned_warmstart_continuous_2ep_seed1_reconstructions.png").exists()
+    assert record["lv_warmup"] == 4 and record["seed"] == 1 and record["lv_fresh_adam"] == fresh_adam
+    setting = "LV-VAE, warm start (4 steps, fresh Adam)" if fresh_adam else "LV-VAE, warm start (4 steps)"
+    assert f"| {setting} | continuous | 1 |" in (tmp_path / "out" / "table2.md").read_text()
+    stem = "mnist_learned_warmstart-freshadam" if fresh_adam else "mnist_learned_warmstart"
+    assert (tmp_path / "out" / f"{stem}_continuous_2ep_seed1_reconstructions.png").exists()
     result = run(["--sigma", "fixed", "--lv-warmup", "4"])
     assert result.returncode == 2 and "--lv-warmup goes with --sigma learned only" in result.stderr

@@ -77,6 +77,7 @@ from common import (
     elbo_terms,
     gaussian_nll,
     hardware,
+    inverse_soft_floor,
     iwae_bound,
     load_celeba,
     load_checkpoint,
@@ -123,6 +124,9 @@ parser.add_argument("--sigma-value", type=float, help="with --sigma fixed: sigma
 parser.add_argument("--lv-warmup", type=int, default=0, help="with --sigma learned: train as LS-VAE for this many "
                     "steps, then hand over to the per-pixel sigma head (ours, not the paper's; default 0: the paper's "
                     "LV-VAE from scratch)")
+parser.add_argument("--lv-warmup-sigma", choices=["learned-scalar", "optimal"], default="learned-scalar",
+                    help="with --lv-warmup: the warm phase's scalar sigma: LS-VAE's learned one, from sigma = 1 "
+                    "(default), or sigma-VAE's, sigma^2 = the batch's MSE; the head starts from it at the hand-over")
 parser.add_argument("--lv-fresh-adam", action="store_true", help="with --lv-warmup: at the hand-over, restart Adam's "
                     "state (moments and step count) of the decoder's output layer, so that the sigma head's first "
                     "updates are bias-corrected (~lr) rather than up to ~6 lr (default: keep it)")
@@ -181,6 +185,8 @@ def parse_args(argv=None):
         parser.error("--lv-warmup goes with --sigma learned only (it hands LS-VAE over to the per-pixel head)")
     if args.lv_warmup < 0:
         parser.error("--lv-warmup must be >= 0")
+    if args.lv_warmup_sigma != "learned-scalar" and not args.lv_warmup:
+        parser.error("--lv-warmup-sigma is the warm start's phase before the hand-over; add --lv-warmup N or drop it")
     if args.lv_fresh_adam and not args.lv_warmup:
         parser.error("--lv-fresh-adam restarts Adam at the warm start's hand-over; add --lv-warmup N or drop it")
     if args.nll_kernel == "triton" and args.likelihood == "discretized":
@@ -251,37 +257,47 @@ def load_split(args, split):
 
 class WarmStartSigma(torch.nn.Module):
     """LV-VAE with a warm start (ours, not the paper's; the README says why: the fold). The decoder outputs (mean, raw
-    log sigma) per pixel as for LV-VAE (Eq. 11), but until the hand-over log sigma is one learned scalar (Eq. 10, from
-    sigma = 1) and the per-pixel head gets exactly zero gradient. hand_over() sets the head's weights to 0 and its
-    bias to the scalar's raw log sigma: soft_floor(head) is then the scalar's log sigma for every z and pixel, so the
-    model and its ELBO are the same just before and after, and from then on the per-pixel head learns."""
+    log sigma) per pixel as for LV-VAE (Eq. 11), but until the hand-over log sigma is one scalar and the per-pixel
+    head gets exactly zero gradient. The scalar (--lv-warmup-sigma): LS-VAE's, learned from sigma = 1 (Eq. 10), or
+    sigma-VAE's, sigma^2 = the batch's MSE. hand_over() sets the head's weights to 0 and its bias to the scalar's raw
+    log sigma (sigma-VAE: of its running MSE, which the training loop sets to the training images' MSE just before):
+    soft_floor(head) is then that log sigma for every z and pixel, so the model is the same just before and after
+    (its ELBO too for LS-VAE; for sigma-VAE up to the batch's MSE against the training images'), and from then on
+    the per-pixel head learns."""
 
     decoder_outputs_per_dim = 2
 
-    def __init__(self, floor=MIN_LOG_SIGMA):
+    def __init__(self, floor=MIN_LOG_SIGMA, warm="learned-scalar"):
         super().__init__()
         self.floor = floor
-        self.scalar = LearnedScalarSigma((1, 1, 1), floor=floor)  # the LS-VAE phase
+        self.scalar = LearnedScalarSigma((1, 1, 1), floor=floor) if warm == "learned-scalar" else \
+            OptimalSigma((1, 1, 1), floor=floor)  # the warm phase
         self.register_buffer("handed_over", torch.zeros((), dtype=torch.bool))  # a tensor: no recompile when it flips
 
     def forward(self, decoder_out, x=None):
         mean, raw_log_sigma = decoder_out.chunk(2, dim=1)
         per_pixel = soft_floor(raw_log_sigma, self.floor)  # Eq. 11, after the hand-over
-        return mean, torch.where(self.handed_over, per_pixel, self.scalar.log_sigma.expand_as(per_pixel))
+        scalar = self.scalar(mean, x)[1]  # Eq. 10 (or sigma-VAE's) before it
+        return mean, torch.where(self.handed_over, per_pixel, scalar.expand_as(per_pixel))
 
     @torch.no_grad()
     def hand_over(self, output_layer):
         """output_layer: the decoder's last ConvTranspose2d; its output channels C..2C are the raw log sigma."""
         channels = output_layer.out_channels // 2
         output_layer.weight[:, channels:].zero_()  # (in, out, kH, kW): out channels C..2C
-        output_layer.bias[channels:].copy_(self.scalar.raw_log_sigma.reshape(()))
+        if isinstance(self.scalar, LearnedScalarSigma):
+            output_layer.bias[channels:].copy_(self.scalar.raw_log_sigma.reshape(()))
+        else:  # sigma-VAE's log sigma is clamped at the floor, where the soft floor has no inverse
+            output_layer.bias[channels:].fill_(inverse_soft_floor(max(self.scalar.log_sigma.item(), self.floor + 1e-3),
+                                                                  self.floor))
         self.handed_over.fill_(True)
 
 
 def make_model(args):
     arch = ARCHITECTURES[args.dataset]
     shape = (1, 1, 1)  # one sigma for all pixels
-    learned = (lambda: WarmStartSigma()) if getattr(args, "lv_warmup", 0) else (lambda: LearnedPerDimSigma(dim=1))
+    learned = (lambda: WarmStartSigma(warm=getattr(args, "lv_warmup_sigma", "learned-scalar"))) \
+        if getattr(args, "lv_warmup", 0) else (lambda: LearnedPerDimSigma(dim=1))
     obs = {"fixed": lambda: FixedSigma(args.sigma_value), "learned-scalar": lambda: LearnedScalarSigma(shape),
            "learned": learned, "optimal": lambda: OptimalSigma(shape)}[args.sigma]()
     model = ConvVAE(arch["channels"], arch["size"], arch["widths"], arch["strides"], arch["blocks"],
@@ -470,14 +486,15 @@ def my_share(tensor):
 
 @torch.no_grad()
 def set_optimal_sigma(model, obs, train_pixels, args, device):
-    """sigma-VAE in evaluation: sigma^2 = the mean squared error of the model's reconstructions (z ~ q(z|x), as in
-    training) over the training images, the model's own maximum-likelihood sigma, not a running average that lags."""
+    """sigma-VAE in evaluation (and at the hand-over of its warm start, obs = WarmStartSigma.scalar): sigma^2 = the
+    mean squared error of the model's reconstructions (z ~ q(z|x), as in training) over the training images, the
+    model's own maximum-likelihood sigma, not a running average that lags."""
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (squared error, count)
     for part in my_share(train_pixels).split(args.batch_size * 4):
         x = to_unit(part, device)
         mu, log_std = model.encode(x)
-        mean = model.decode(mu + log_std.exp() * torch.randn_like(mu))
+        mean = model.decode(mu + log_std.exp() * torch.randn_like(mu))[:, : x.shape[1]]  # (a warm start's: + log sigma)
         sums += torch.stack([((x - mean) ** 2).sum().double(), torch.tensor(float(x.numel()), device=device)])
     if dist.is_initialized():
         dist.all_reduce(sums)
@@ -584,16 +601,15 @@ def command_line(launcher, argv):
     return " ".join([launcher, inside_repository(os.path.abspath(argv[0])), *map(relative, argv[1:])])
 
 
-def setting_name(sigma, sigma_value=None, lv_warmup=0, fresh_adam=False):
-    """Table 2's name of a setting: F-VAE (sigma=0.707), LS-VAE, LV-VAE, LV-VAE, warm start (N steps[, fresh Adam]),
-    sigma-VAE."""
-    name = SIGMA_NAMES[sigma] + (f" (sigma={sigma_value:.3g})" if sigma == "fixed" else "")
-    return name + (f", warm start ({lv_warmup} steps{', fresh Adam' if fresh_adam else ''})" if lv_warmup else "")
-
-
-def run_setting(run):
-    """setting_name of a recorded run (runs recorded before --lv-fresh-adam existed kept Adam's state)."""
-    return setting_name(run["sigma"], run["sigma_value"], run.get("lv_warmup", 0), run.get("lv_fresh_adam", False))
+def setting_name(run):
+    """Table 2's name of a run's setting (run: a record or vars(args)): F-VAE (sigma=0.707), LS-VAE, LV-VAE, LV-VAE,
+    warm start (N steps[ of sigma-VAE][, fresh Adam]), sigma-VAE. Runs recorded before --lv-fresh-adam and
+    --lv-warmup-sigma existed had neither."""
+    name = SIGMA_NAMES[run["sigma"]] + (f" (sigma={run['sigma_value']:.3g})" if run["sigma"] == "fixed" else "")
+    if not run.get("lv_warmup"):
+        return name
+    warm = " of sigma-VAE" if run.get("lv_warmup_sigma") == "optimal" else ""
+    return name + f", warm start ({run['lv_warmup']} steps{warm}{', fresh Adam' if run.get('lv_fresh_adam') else ''})"
 
 
 def paper_value(run):
@@ -624,7 +640,8 @@ def figure_stem(run):
     """A run's figures are <stem>_reconstructions.png and <stem>_generations.png: named by dataset, sigma, likelihood,
     epochs and seed (none for seed 0), so that a run of another length or seed keeps the others' figures."""
     seed = run_seed(run)
-    warm = ("_warmstart" + ("-freshadam" if run.get("lv_fresh_adam") else "")) if run.get("lv_warmup") else ""
+    warm = "_warmstart" + ("-optimal" if run.get("lv_warmup_sigma") == "optimal" else "") + \
+        ("-freshadam" if run.get("lv_fresh_adam") else "") if run.get("lv_warmup") else ""
     return f"{run['dataset']}_{run['sigma']}{warm}_{run['likelihood']}_" \
         f"{run['epochs']}ep" + (f"_seed{seed}" if seed else "")
 
@@ -660,7 +677,7 @@ def over_seeds(runs):
         spread = lambda v: "n/a" if None in v else \
             f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f} [{min(v):.3f}, {max(v):.3f}]"
         run = seeded[0]
-        lines.append(f"| {run['dataset']} | {run_setting(run)} "
+        lines.append(f"| {run['dataset']} | {setting_name(run)} "
                      f"| {run['likelihood']} | {run['epochs']} | {', '.join(str(run_seed(r)) for r in seeded)} | "
                      + " | ".join(spread(v) for v in values.values()) + f" | `{command}` |")
     if not lines:
@@ -726,7 +743,7 @@ def write_table2(out):
     ]
     for run in runs:
         final, iwae = run["final"], run["iwae"]
-        setting = run_setting(run)
+        setting = setting_name(run)
         table2 = final["table2_bits_per_pixel"]
         without_2pi = None if table2 is None else table2 + 0.5 * math.log2(2 * math.pi)
         wall = f"{run['wall_minutes']:.1f} min" + (f" ({run['train_minutes']:.1f})" if "train_minutes" in run else "")
@@ -826,7 +843,7 @@ def announce(args, model, train_pixels, test_pixels, steps_per_epoch, eval_image
         f"continuous, {kernel(args.compile != 'none')} in training, {kernel(False)} in evaluation"
     processes = "" if world_size == 1 else f", {world_size} processes ({dist.get_backend()})"
     print(f"train_images: {args.dataset} ({len(train_pixels)} train, {len(test_pixels)} test images), "
-          f"{setting_name(args.sigma, args.sigma_value, args.lv_warmup, args.lv_fresh_adam)}, likelihood {nll_path}, "
+          f"{setting_name(vars(args))}, likelihood {nll_path}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, {args.dtype}, compile {args.compile}, "
           f"{steps_per_epoch} steps of {args.batch_size * world_size} an epoch{processes}, on {hardware(device)}; "
           f"run {run_dir}")
@@ -884,7 +901,7 @@ def record_run(args, model, obs, test_pixels, final, iwae, record, out, device):
     sigma_summary = f"{sigma.mean().item():.4g}" if sigma.numel() == 1 else \
         f"per pixel: median {sigma.median().item():.3g}, min {sigma.min().item():.3g}, max {sigma.max().item():.3g}"
     record.update(dataset=args.dataset, sigma=args.sigma, sigma_value=args.sigma_value, lv_warmup=args.lv_warmup,
-                  lv_fresh_adam=args.lv_fresh_adam,
+                  lv_fresh_adam=args.lv_fresh_adam, lv_warmup_sigma=args.lv_warmup_sigma,
                   likelihood=args.likelihood, seed=args.seed,
                   epochs=args.epochs, final=final, iwae=iwae, iwae_k=args.iwae_k, dtype=args.dtype,
                   compile=args.compile, sigma_summary=sigma_summary + (" (sqrt of the training MSE)"
@@ -893,7 +910,7 @@ def record_run(args, model, obs, test_pixels, final, iwae, record, out, device):
     os.makedirs(out, exist_ok=True)
     name = figure_stem(record)
     grids = list(figures(model, obs, test_pixels, device, torch.Generator(device).manual_seed(0))[0].items())
-    title = f"{args.dataset}, {setting_name(args.sigma, args.sigma_value, args.lv_warmup, args.lv_fresh_adam)}, {args.likelihood} " \
+    title = f"{args.dataset}, {setting_name(vars(args))}, {args.likelihood} " \
         f"likelihood, {args.epochs} epoch(s)"
     for kind, part in zip(FIGURE_KINDS, [grids[:2], grids[2:]]):
         save_grids(dict(part), os.path.join(out, f"{name}_{kind}.png"), title, record["command"])
@@ -999,6 +1016,8 @@ def main(args):
                              args.compile == "reduce-overhead")
             step, position = step + 1, position + global_batch
             if step == args.lv_warmup:  # the warm start's hand-over (--lv-warmup), once: the ELBO does not change
+                if args.lv_warmup_sigma == "optimal":  # the head starts at the training images' MSE, not the lagging
+                    set_optimal_sigma(model, obs.scalar, train_pixels, args, device)  # running average (momentum 0.99)
                 obs.hand_over(model.decoder[-1])
                 if args.lv_fresh_adam:
                     restart_adam(optimizer, model.decoder[-1].parameters())

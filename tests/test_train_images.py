@@ -227,6 +227,7 @@ def test_table_2_gathers_the_seeds_of_a_row(tmp_path):
     (["--eval-images", "0"], "--eval-images must be >= 1"),
     (["--eval-every", "0"], "--eval-every must be >= 1"),
     (["--lv-fresh-adam"], "--lv-fresh-adam restarts Adam at the warm start's hand-over; add --lv-warmup N"),
+    (["--lv-warmup-sigma", "optimal"], "--lv-warmup-sigma is the warm start's phase before the hand-over"),
 ])
 def test_contradictory_flags_are_refused(flags, message):
     result = run(flags)
@@ -703,6 +704,36 @@ def test_warm_start_hand_over_leaves_the_elbo_unchanged():
     assert model.decoder[-1].weight.grad[:, 1:].abs().max() > 0 and obs.scalar.raw_log_sigma.grad.abs().item() == 0
 
 
+def test_sigma_vae_warm_phase_hands_over_at_the_training_images_mse():
+    # --lv-warmup-sigma optimal: before the hand-over sigma^2 is the batch's MSE (no parameter, no gradient to the
+    # head); at it the loop sets the scalar to the training images' MSE and the head starts there for every pixel.
+    torch.manual_seed(0)
+    args = train_images.parse_args(["--sigma", "learned", "--lv-warmup", "5", "--lv-warmup-sigma", "optimal",
+                                    "--batch-size", "16"])
+    model, obs = train_images.make_model(args)
+    assert list(obs.parameters()) == []
+    x, eps = torch.rand(4, 1, 28, 28), torch.randn(4, 256)
+    _, _, elbo, (mean, log_sigma) = elbo_terms(model, obs, x, eps, event_dims=3)
+    torch.testing.assert_close(log_sigma, torch.full_like(log_sigma, 0.5 * ((x - mean) ** 2).mean().log().item()))
+    elbo.sum().backward()
+    assert model.decoder[-1].weight.grad[:, 1:].abs().max() == 0
+    train = (torch.rand(48, 1, 28, 28) * 255).to(torch.uint8)
+    torch.manual_seed(1)
+    train_images.set_optimal_sigma(model, obs.scalar, train, args, torch.device("cpu"))
+    torch.manual_seed(1)
+    squared = []
+    for part in train.split(args.batch_size * 4):  # the same draws: the training images' MSE, by hand
+        part = part.float() / 255
+        mu, log_std = model.encode(part)
+        squared.append((part - model.decode(mu + log_std.exp() * torch.randn_like(mu))[:, :1]) ** 2)
+    train_mse = torch.cat(squared).mean()
+    torch.testing.assert_close(obs.scalar.running_mse, train_mse.reshape(1, 1, 1).detach())
+    obs.hand_over(model.decoder[-1])
+    _, _, _, (_, after) = elbo_terms(model, obs, x, eps, event_dims=3)
+    torch.testing.assert_close(after, torch.full_like(after, 0.5 * train_mse.log().item()), rtol=1e-5, atol=1e-5)
+    assert model.training  # set_optimal_sigma leaves the model in training mode
+
+
 def test_fresh_adam_gives_the_sigma_head_bias_corrected_updates_and_leaves_other_layers_alone():
     # Three LS-VAE steps, the hand-over, one more step. Kept state: the head's moments are still 0 but its step count
     # is the layer's, t = 4 at that step, so its first update is lr (0.1 / (1 - 0.9**t)) sqrt((1 - 0.999**t) / 0.001)
@@ -738,10 +769,14 @@ def test_fresh_adam_gives_the_sigma_head_bias_corrected_updates_and_leaves_other
     assert all(torch.equal(a, b) for a, b in zip(kept[:-2], restarted[:-2]))  # every layer before the output layer
 
 
-@pytest.mark.parametrize("fresh_adam", [False, True])
-def test_warm_start_run_hands_over_at_its_step_and_records_its_row(tmp_path, fresh_adam):
+@pytest.mark.parametrize("flags, setting, stem", [
+    ([], "4 steps", "warmstart"),
+    (["--lv-fresh-adam"], "4 steps, fresh Adam", "warmstart-freshadam"),
+    (["--lv-warmup-sigma", "optimal"], "4 steps of sigma-VAE", "warmstart-optimal"),
+])
+def test_warm_start_run_hands_over_at_its_step_and_records_its_row(tmp_path, flags, setting, stem):
     data = write_tiny_mnist(tmp_path / "mnist")
-    flags = ["--lv-fresh-adam"] if fresh_adam else []
+    fresh_adam = "--lv-fresh-adam" in flags
     result = run(["--epochs", "2", "--lv-warmup", "4", "--seed", "1", *flags, *tiny_flags(tmp_path, data)])
     assert result.returncode == 0, result.stderr[-3000:]
     state = only_checkpoint(tmp_path)
@@ -754,9 +789,8 @@ def test_warm_start_run_hands_over_at_its_step_and_records_its_row(tmp_path, fre
     assert {value for name, value in steps.items() if not name.startswith("decoder.11.")} == {6}
     (record,) = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
     assert record["lv_warmup"] == 4 and record["seed"] == 1 and record["lv_fresh_adam"] == fresh_adam
-    setting = "LV-VAE, warm start (4 steps, fresh Adam)" if fresh_adam else "LV-VAE, warm start (4 steps)"
-    assert f"| {setting} | continuous | 1 |" in (tmp_path / "out" / "table2.md").read_text()
-    stem = "mnist_learned_warmstart-freshadam" if fresh_adam else "mnist_learned_warmstart"
-    assert (tmp_path / "out" / f"{stem}_continuous_2ep_seed1_reconstructions.png").exists()
+    assert record["lv_warmup_sigma"] == ("optimal" if "optimal" in flags else "learned-scalar")
+    assert f"| LV-VAE, warm start ({setting}) | continuous | 1 |" in (tmp_path / "out" / "table2.md").read_text()
+    assert (tmp_path / "out" / f"mnist_learned_{stem}_continuous_2ep_seed1_reconstructions.png").exists()
     result = run(["--sigma", "fixed", "--lv-warmup", "4"])
     assert result.returncode == 2 and "--lv-warmup goes with --sigma learned only" in result.stderr

@@ -3,7 +3,7 @@
     python train_images.py --dataset mnist --sigma learned             # LV-VAE, per-pixel sigma (Eq. 11)
     python train_images.py --dataset mnist --sigma fixed --epochs 10   # F-VAE, sigma = 1/sqrt(2): the MSE loss
     python train_images.py --sigma learned --lv-warmup 234             # LV-VAE after 234 steps of LS-VAE (ours)
-    python train_images.py --sigma learned --lv-warmup 234 --lv-fresh-adam   # ... with a fresh Adam at the hand-over
+    python train_images.py --sigma learned --lv-warmup 234 --lv-warmup-sigma optimal   # ... after sigma-VAE (ours)
     python train_images.py --dataset celeba --sigma learned --data-dir data/celeba
     python train_images.py --resume runs/<run>/ckpt.pt --epochs 20     # continue a run exactly where it stopped
     python train_images.py --epochs 1000 --eval-every 25 --out results/images   # a Table 2 row, recorded

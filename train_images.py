@@ -121,15 +121,16 @@ parser.add_argument("--sigma", choices=SIGMA_NAMES, default="learned",
                     help="fixed: F-VAE; learned-scalar: LS-VAE (Eq. 10); learned: per-pixel LV-VAE (Eq. 11, default); "
                     "optimal: sigma-VAE, sigma^2 = batch MSE in training, the training set's MSE in evaluation")
 parser.add_argument("--sigma-value", type=float, help="with --sigma fixed: sigma on [0, 1] data (default 1/sqrt(2))")
-parser.add_argument("--lv-warmup", type=int, default=0, help="with --sigma learned: train as LS-VAE for this many "
-                    "steps, then hand over to the per-pixel sigma head (ours, not the paper's; default 0: the paper's "
+parser.add_argument("--lv-warmup", type=int, default=0, help="with --sigma learned: train as LS-VAE (or sigma-VAE: "
+                    "--lv-warmup-sigma) for this many steps, then hand over to the per-pixel sigma head (ours, not the paper's; default 0: the paper's "
                     "LV-VAE from scratch)")
 parser.add_argument("--lv-warmup-sigma", choices=["learned-scalar", "optimal"], default="learned-scalar",
                     help="with --lv-warmup: the warm phase's scalar sigma: LS-VAE's learned one, from sigma = 1 "
                     "(default), or sigma-VAE's, sigma^2 = the batch's MSE; the head starts from it at the hand-over")
 parser.add_argument("--lv-fresh-adam", action="store_true", help="with --lv-warmup: at the hand-over, restart Adam's "
                     "state (moments and step count) of the decoder's output layer, so that the sigma head's first "
-                    "updates are bias-corrected (~lr) rather than up to ~6 lr (default: keep it)")
+                    "updates are bias-corrected (~lr) rather than up to 2.7 lr after a hand-over at step 175, 6.3 lr at "
+                    "step 2,345 (default: keep it)")
 parser.add_argument("--likelihood", choices=["continuous", "discretized"], default="continuous",
                     help="continuous Gaussian density (default) or Gaussian integrated over each 1/255 pixel bin")
 parser.add_argument("--nll-kernel", choices=["auto", "triton", "torch"], default="auto",

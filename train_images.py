@@ -503,6 +503,17 @@ def set_optimal_sigma(model, obs, train_pixels, args, device):
     model.train()
 
 
+def hand_over(args, model, obs, optimizer, train_pixels, device):
+    """The warm start's hand-over (--lv-warmup), once, between two steps: the model does not change (WarmStartSigma).
+    A sigma-VAE warm phase first sets its sigma to the training images' MSE, not its lagging running average
+    (momentum 0.99); --lv-fresh-adam then restarts the output layer's Adam state."""
+    if args.lv_warmup_sigma == "optimal":
+        set_optimal_sigma(model, obs.scalar, train_pixels, args, device)
+    obs.hand_over(model.decoder[-1])
+    if args.lv_fresh_adam:
+        restart_adam(optimizer, model.decoder[-1].parameters())
+
+
 @torch.no_grad()
 def evaluate(model, obs, test_pixels, args, device, k=1, images=None, generator=None, bf16=False, desc=None):
     """Test-split bounds in both conventions. k = 1: the one-sample ELBO; k > 1: the IWAE-k bound. bf16: the networks
@@ -1016,12 +1027,8 @@ def main(args):
             meter += step_fn(step_module, optimizer, guard, train_pixels[order[batch, rank]], eps,
                              args.compile == "reduce-overhead")
             step, position = step + 1, position + global_batch
-            if step == args.lv_warmup:  # the warm start's hand-over (--lv-warmup), once: the ELBO does not change
-                if args.lv_warmup_sigma == "optimal":  # the head starts at the training images' MSE, not the lagging
-                    set_optimal_sigma(model, obs.scalar, train_pixels, args, device)  # running average (momentum 0.99)
-                obs.hand_over(model.decoder[-1])
-                if args.lv_fresh_adam:
-                    restart_adam(optimizer, model.decoder[-1].parameters())
+            if step == args.lv_warmup:
+                hand_over(args, model, obs, optimizer, train_pixels, device)
             log_now = step % args.log_every == 0 or step == first_step + 1 or batch == steps_per_epoch - 1
             if log_now or (world_size == 1 and signals_received):  # one process may stop at any step, ranks at logs
                 sync(epoch, f"step {step} (epoch {epoch + 1}, {position} of {steps_per_epoch * global_batch} images)",

@@ -505,7 +505,7 @@ def test_whole_step_graph_trains_exactly_as_eager_steps(monkeypatch):
             meter += terms  # as main() does, at once
             losses.append(terms[0].item())
             if step == args.lv_warmup:
-                obs.hand_over(model.decoder[-1])  # in place, between steps, as main() does
+                train_images.hand_over(args, model, obs, optimizer, None, torch.device("cpu"))  # as main() does
         results.append((losses, meter, [p.detach().clone() for p in model.parameters()], guard.step.item()))
     (eager_losses, eager_meter, eager_weights, eager_steps), (losses, meter, weights, steps) = results
     assert losses == eager_losses and torch.equal(meter, eager_meter) and steps == eager_steps == 6
@@ -719,7 +719,7 @@ def test_sigma_vae_warm_phase_hands_over_at_the_training_images_mse():
     assert model.decoder[-1].weight.grad[:, 1:].abs().max() == 0
     train = (torch.rand(48, 1, 28, 28) * 255).to(torch.uint8)
     torch.manual_seed(1)
-    train_images.set_optimal_sigma(model, obs.scalar, train, args, torch.device("cpu"))
+    train_images.hand_over(args, model, obs, None, train, torch.device("cpu"))  # as main() does
     torch.manual_seed(1)
     squared = []
     for part in train.split(args.batch_size * 4):  # the same draws: the training images' MSE, by hand
@@ -728,7 +728,6 @@ def test_sigma_vae_warm_phase_hands_over_at_the_training_images_mse():
         squared.append((part - model.decode(mu + log_std.exp() * torch.randn_like(mu))[:, :1]) ** 2)
     train_mse = torch.cat(squared).mean()
     torch.testing.assert_close(obs.scalar.running_mse, train_mse.reshape(1, 1, 1).detach())
-    obs.hand_over(model.decoder[-1])
     _, _, _, (_, after) = elbo_terms(model, obs, x, eps, event_dims=3)
     torch.testing.assert_close(after, torch.full_like(after, 0.5 * train_mse.log().item()), rtol=1e-5, atol=1e-5)
     assert model.training  # set_optimal_sigma leaves the model in training mode
@@ -754,9 +753,8 @@ def test_fresh_adam_gives_the_sigma_head_bias_corrected_updates_and_leaves_other
                 before = [p.detach().clone() for p in model.parameters()]
             train_images.train_step(step_module, optimizer, guard, pixels, eps, False)
             if step == args.lv_warmup:
-                obs.hand_over(model.decoder[-1])
-                if fresh:
-                    train_images.restart_adam(optimizer, model.decoder[-1].parameters())
+                args.lv_fresh_adam = fresh
+                train_images.hand_over(args, model, obs, optimizer, None, torch.device("cpu"))  # as main() does
         results.append([p.detach() - b for p, b in zip(model.parameters(), before)])
     kept, restarted = results
     head = lambda updates: updates[-2][:, 1:].abs()  # decoder[-1].weight (in, out = mean, raw log sigma, kH, kW)

@@ -149,15 +149,16 @@ def test_celeba_rows_train_side_by_side_and_record_table_2(tmp_path):
 
 def test_mnist_rows_that_finish_run_one_after_the_other(tmp_path):
     mnist = write_tiny_mnist(tmp_path / "mnist")
-    result = suite(tmp_path, mnist, "mnist", MNIST_ROW="fixed optimal", MNIST_EPOCHS="1")
+    result = suite(tmp_path, mnist, "mnist", MNIST_ROW="fixed warmstart-optimal", MNIST_EPOCHS="1")
     out = tmp_path / "out"
     log = (out / "suite.log").read_text()
     assert result.returncode == 0, log[-3000:]
-    assert exits(log) == {"mnist_fixed": 0, "mnist_optimal": 0}, log[-3000:]
-    assert "=== mnist_optimal: all 1 epochs done" in log and not list(out.glob("*.ckpt.pt.*"))  # nothing to carry
+    assert exits(log) == {"mnist_fixed": 0, "mnist_warmstart-optimal": 0}, log[-3000:]
+    assert "=== mnist_warmstart-optimal: all 1 epochs done" in log and not list(out.glob("*.ckpt.pt.*"))  # no carry
+    assert "--sigma learned --lv-warmup 9360 --lv-warmup-sigma optimal" in log
     with tarfile.open(out / "suite.tgz") as archive:
         table = archive.extractfile("results/images/table2.md").read().decode()
-    assert table.count("| mnist |") == 2, table
+    assert table.count("| mnist |") == 2 and "| LV-VAE, warm start (9360 steps of sigma-VAE) |" in table, table
 
 
 def test_unknown_stage_and_spent_budget(tmp_path):
@@ -170,7 +171,8 @@ def test_unknown_stage_and_spent_budget(tmp_path):
                                                  result.stdout, re.M), result.stdout
     result = suite(tmp_path, tmp_path, "mnist", MNIST_ROW="lv")
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        "gpu_suite.sh: no Table 2 row 'lv'; rows: fixed learned-scalar learned warmstart optimal discretized"]
+        ("gpu_suite.sh: no Table 2 row 'lv'; rows: fixed learned-scalar learned warmstart warmstart-optimal optimal "
+         "discretized")]
     # 30 s leave 5 s after the 25 s kept for packing: every stage is skipped, which is no failure.
     result = suite(tmp_path, tmp_path, "env", "nll", BUDGET="30")
     assert result.returncode == 0, result.stdout

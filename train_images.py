@@ -859,6 +859,12 @@ def announce(args, model, train_pixels, test_pixels, steps_per_epoch, eval_image
           f"{sum(p.numel() for p in model.parameters()):,} parameters, {args.dtype}, compile {args.compile}, "
           f"{steps_per_epoch} steps of {args.batch_size * world_size} an epoch{processes}, on {hardware(device)}; "
           f"run {run_dir}")
+    total = args.epochs * steps_per_epoch
+    if args.lv_warmup >= total > 0:  # the hand-over comes after step lv_warmup: the head would never train
+        warm = "sigma-VAE" if args.lv_warmup_sigma == "optimal" else "LS-VAE"
+        print(f"train_images: warning: --lv-warmup {args.lv_warmup} is not below this run's {total} steps "
+              f"({args.epochs} epochs of {steps_per_epoch}): the per-pixel sigma head never trains, so this is a "
+              f"{warm} run under the warm start's name; lower --lv-warmup or raise --epochs")
     twice = ", each bound also dequantized" if args.likelihood == "continuous" else ""
     print(f"train_images: evaluation every {args.eval_every} epoch(s): the ELBO of {eval_images} test images and as "
           f"many training images; at the end, in fp32: the same, and IWAE-{args.iwae_k} of {iwae_images} test images "

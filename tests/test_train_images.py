@@ -777,6 +777,7 @@ def test_warm_start_run_hands_over_at_its_step_and_records_its_row(tmp_path, fla
     fresh_adam = "--lv-fresh-adam" in flags
     result = run(["--epochs", "2", "--lv-warmup", "4", "--seed", "1", *flags, *tiny_flags(tmp_path, data)])
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: --lv-warmup" not in result.stdout  # 4 of its 6 steps: it hands over (the suite's tests: not)
     state = only_checkpoint(tmp_path)
     assert bool(state["obs"]["handed_over"]) and state["model"]["decoder.11.bias"][1] != 0
     # Adam's step counts after the 6 steps: the output layer's restarted at the hand-over with --lv-fresh-adam

@@ -122,15 +122,15 @@ parser.add_argument("--sigma", choices=SIGMA_NAMES, default="learned",
                     "optimal: sigma-VAE, sigma^2 = batch MSE in training, the training set's MSE in evaluation")
 parser.add_argument("--sigma-value", type=float, help="with --sigma fixed: sigma on [0, 1] data (default 1/sqrt(2))")
 parser.add_argument("--lv-warmup", type=int, default=0, help="with --sigma learned: train as LS-VAE (or sigma-VAE: "
-                    "--lv-warmup-sigma) for this many steps, then hand over to the per-pixel sigma head (ours, not the paper's; default 0: the paper's "
-                    "LV-VAE from scratch)")
+                    "--lv-warmup-sigma) for this many steps, then hand over to the per-pixel sigma head (ours, not "
+                    "the paper's; default 0: the paper's LV-VAE from scratch)")
 parser.add_argument("--lv-warmup-sigma", choices=["learned-scalar", "optimal"], default="learned-scalar",
                     help="with --lv-warmup: the warm phase's scalar sigma: LS-VAE's learned one, from sigma = 1 "
                     "(default), or sigma-VAE's, sigma^2 = the batch's MSE; the head starts from it at the hand-over")
 parser.add_argument("--lv-fresh-adam", action="store_true", help="with --lv-warmup: at the hand-over, restart Adam's "
                     "state (moments and step count) of the decoder's output layer, so that the sigma head's first "
-                    "updates are bias-corrected (~lr) rather than up to 2.7 lr after a hand-over at step 175, 6.3 lr at "
-                    "step 2,345 (default: keep it)")
+                    "updates are bias-corrected (~lr) rather than up to 2.7 lr after a hand-over at step 175, 6.3 lr "
+                    "at step 2,345 (default: keep it)")
 parser.add_argument("--likelihood", choices=["continuous", "discretized"], default="continuous",
                     help="continuous Gaussian density (default) or Gaussian integrated over each 1/255 pixel bin")
 parser.add_argument("--nll-kernel", choices=["auto", "triton", "torch"], default="auto",
@@ -652,8 +652,8 @@ def figure_stem(run):
     """A run's figures are <stem>_reconstructions.png and <stem>_generations.png: named by dataset, sigma, likelihood,
     epochs and seed (none for seed 0), so that a run of another length or seed keeps the others' figures."""
     seed = run_seed(run)
-    warm = "_warmstart" + ("-optimal" if run.get("lv_warmup_sigma") == "optimal" else "") + \
-        ("-freshadam" if run.get("lv_fresh_adam") else "") if run.get("lv_warmup") else ""
+    warm = ("_warmstart" + ("-optimal" if run.get("lv_warmup_sigma") == "optimal" else "")
+            + ("-freshadam" if run.get("lv_fresh_adam") else "")) if run.get("lv_warmup") else ""
     return f"{run['dataset']}_{run['sigma']}{warm}_{run['likelihood']}_" \
         f"{run['epochs']}ep" + (f"_seed{seed}" if seed else "")
 
@@ -861,10 +861,10 @@ def announce(args, model, train_pixels, test_pixels, steps_per_epoch, eval_image
           f"run {run_dir}")
     total = args.epochs * steps_per_epoch
     if args.lv_warmup >= total > 0:  # the hand-over comes after step lv_warmup: the head would never train
-        warm = "sigma-VAE" if args.lv_warmup_sigma == "optimal" else "LS-VAE"
         print(f"train_images: warning: --lv-warmup {args.lv_warmup} is not below this run's {total} steps "
               f"({args.epochs} epochs of {steps_per_epoch}): the per-pixel sigma head never trains, so this is a "
-              f"{warm} run under the warm start's name; lower --lv-warmup or raise --epochs")
+              f"{SIGMA_NAMES[args.lv_warmup_sigma]} run under the warm start's name; lower --lv-warmup or raise "
+              "--epochs")
     twice = ", each bound also dequantized" if args.likelihood == "continuous" else ""
     print(f"train_images: evaluation every {args.eval_every} epoch(s): the ELBO of {eval_images} test images and as "
           f"many training images; at the end, in fp32: the same, and IWAE-{args.iwae_k} of {iwae_images} test images "

@@ -157,8 +157,9 @@ def test_mnist_rows_that_finish_run_one_after_the_other(tmp_path):
     assert "=== mnist_warmstart-optimal: all 1 epochs done" in log and not list(out.glob("*.ckpt.pt.*"))  # no carry
     assert "--sigma learned --lv-warmup 9360 --lv-warmup-sigma optimal" in log
     # at toy sizes the hand-over never comes, and the run says so
-    assert re.search(r"warning: --lv-warmup 9360 is not below this run's (\d+) steps \(1 epochs of \1\): the per-pixel "
-                     "sigma head never trains, so this is a sigma-VAE run under the warm start's name", log), log[-3000:]
+    assert re.search(r"warning: --lv-warmup 9360 is not below this run's (\d+) steps \(1 epochs of \1\): the "
+                     "per-pixel sigma head never trains, so this is a sigma-VAE run under the warm start's name",
+                     log), log[-3000:]
     with tarfile.open(out / "suite.tgz") as archive:
         table = archive.extractfile("results/images/table2.md").read().decode()
     assert table.count("| mnist |") == 2 and "| LV-VAE, warm start (9360 steps of sigma-VAE) |" in table, table

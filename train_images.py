@@ -131,6 +131,10 @@ parser.add_argument("--lv-fresh-adam", action="store_true", help="with --lv-warm
                     "state (moments and step count) of the decoder's output layer, so that the sigma head's first "
                     "updates are bias-corrected (~lr) rather than up to 2.7 lr after a hand-over at step 175, 6.3 lr "
                     "at step 2,345 (default: keep it)")
+parser.add_argument("--lv-handover-sigma", choices=["warm", "mse"], default="warm",
+                    help="with --lv-warmup: where the per-pixel head starts at the hand-over: warm, the warm phase's "
+                    "own sigma (default), or mse, sigma^2 = the training images' MSE, sigma-VAE's value, after an "
+                    "LS-VAE phase (an ablation: the LS-VAE phase with the sigma-VAE phase's start)")
 parser.add_argument("--likelihood", choices=["continuous", "discretized"], default="continuous",
                     help="continuous Gaussian density (default) or Gaussian integrated over each 1/255 pixel bin")
 parser.add_argument("--nll-kernel", choices=["auto", "triton", "torch"], default="auto",
@@ -190,6 +194,10 @@ def parse_args(argv=None):
         parser.error("--lv-warmup-sigma is the warm start's phase before the hand-over; add --lv-warmup N or drop it")
     if args.lv_fresh_adam and not args.lv_warmup:
         parser.error("--lv-fresh-adam restarts Adam at the warm start's hand-over; add --lv-warmup N or drop it")
+    if args.lv_handover_sigma != "warm" and not args.lv_warmup:
+        parser.error("--lv-handover-sigma is where the warm start's head starts; add --lv-warmup N or drop it")
+    if args.lv_handover_sigma == "mse" and args.lv_warmup_sigma == "optimal":
+        parser.error("--lv-handover-sigma mse is what --lv-warmup-sigma optimal does already; drop one of them")
     if args.nll_kernel == "triton" and args.likelihood == "discretized":
         parser.error("--nll-kernel triton fuses the continuous likelihood only; drop it or use --likelihood continuous")
     if args.nll_kernel == "triton" and not TRITON_AVAILABLE:
@@ -264,7 +272,8 @@ class WarmStartSigma(torch.nn.Module):
     log sigma (sigma-VAE: of its running MSE, which the training loop sets to the training images' MSE just before):
     soft_floor(head) is then that log sigma for every z and pixel, so the model is the same just before and after
     (its ELBO too for LS-VAE; for sigma-VAE up to the batch's MSE against the training images'), and from then on
-    the per-pixel head learns."""
+    the per-pixel head learns. --lv-handover-sigma mse (an ablation) starts the head of an LS-VAE phase at the
+    training images' MSE instead, as sigma-VAE's does: the mean is LS-VAE's, sigma at the hand-over sigma-VAE's."""
 
     decoder_outputs_per_dim = 2
 
@@ -282,15 +291,16 @@ class WarmStartSigma(torch.nn.Module):
         return mean, torch.where(self.handed_over, per_pixel, scalar.expand_as(per_pixel))
 
     @torch.no_grad()
-    def hand_over(self, output_layer):
-        """output_layer: the decoder's last ConvTranspose2d; its output channels C..2C are the raw log sigma."""
+    def hand_over(self, output_layer, log_sigma=None):
+        """output_layer: the decoder's last ConvTranspose2d; its output channels C..2C are the raw log sigma.
+        log_sigma: where the head starts instead of the scalar (--lv-handover-sigma mse); the model then changes."""
         channels = output_layer.out_channels // 2
         output_layer.weight[:, channels:].zero_()  # (in, out, kH, kW): out channels C..2C
-        if isinstance(self.scalar, LearnedScalarSigma):
+        if log_sigma is None and isinstance(self.scalar, LearnedScalarSigma):
             output_layer.bias[channels:].copy_(self.scalar.raw_log_sigma.reshape(()))
         else:  # sigma-VAE's log sigma is clamped at the floor, where the soft floor has no inverse
-            output_layer.bias[channels:].fill_(inverse_soft_floor(max(self.scalar.log_sigma.item(), self.floor + 1e-3),
-                                                                  self.floor))
+            log_sigma = self.scalar.log_sigma.item() if log_sigma is None else log_sigma
+            output_layer.bias[channels:].fill_(inverse_soft_floor(max(log_sigma, self.floor + 1e-3), self.floor))
         self.handed_over.fill_(True)
 
 
@@ -485,11 +495,16 @@ def my_share(tensor):
     return tensor[rank * len(tensor) // world_size : (rank + 1) * len(tensor) // world_size]
 
 
-@torch.no_grad()
 def set_optimal_sigma(model, obs, train_pixels, args, device):
     """sigma-VAE in evaluation (and at the hand-over of its warm start, obs = WarmStartSigma.scalar): sigma^2 = the
     mean squared error of the model's reconstructions (z ~ q(z|x), as in training) over the training images, the
     model's own maximum-likelihood sigma, not a running average that lags."""
+    obs.running_mse.fill_(training_mse(model, train_pixels, args, device))
+
+
+@torch.no_grad()
+def training_mse(model, train_pixels, args, device):
+    """The mean squared error of the model's reconstructions, z ~ q(z|x), over the training images (all ranks')."""
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # (squared error, count)
     for part in my_share(train_pixels).split(args.batch_size * 4):
@@ -499,17 +514,24 @@ def set_optimal_sigma(model, obs, train_pixels, args, device):
         sums += torch.stack([((x - mean) ** 2).sum().double(), torch.tensor(float(x.numel()), device=device)])
     if dist.is_initialized():
         dist.all_reduce(sums)
-    obs.running_mse.fill_((sums[0] / sums[1]).item())
     model.train()
+    return (sums[0] / sums[1]).item()
 
 
 def hand_over(args, model, obs, optimizer, train_pixels, device):
     """The warm start's hand-over (--lv-warmup), once, between two steps: the model does not change (WarmStartSigma).
     A sigma-VAE warm phase first sets its sigma to the training images' MSE, not its lagging running average
-    (momentum 0.99); --lv-fresh-adam then restarts the output layer's Adam state."""
+    (momentum 0.99); --lv-handover-sigma mse starts the head there after an LS-VAE phase; --lv-fresh-adam then
+    restarts the output layer's Adam state."""
+    warm_log_sigma, log_sigma = obs.scalar.log_sigma.item(), None
     if args.lv_warmup_sigma == "optimal":
         set_optimal_sigma(model, obs.scalar, train_pixels, args, device)
-    obs.hand_over(model.decoder[-1])
+    elif getattr(args, "lv_handover_sigma", "warm") == "mse":
+        log_sigma = 0.5 * math.log(training_mse(model, train_pixels, args, device))
+    obs.hand_over(model.decoder[-1], log_sigma)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        start = obs.scalar.log_sigma.item() if log_sigma is None else log_sigma
+        print(f"hand-over: the warm phase's log sigma {warm_log_sigma:.3f}, the per-pixel head starts at {start:.3f}")
     if args.lv_fresh_adam:
         restart_adam(optimizer, model.decoder[-1].parameters())
 
@@ -615,12 +637,13 @@ def command_line(launcher, argv):
 
 def setting_name(run):
     """Table 2's name of a run's setting (run: a record or vars(args)): F-VAE (sigma=0.707), LS-VAE, LV-VAE, LV-VAE,
-    warm start (N steps[ of sigma-VAE][, fresh Adam]), sigma-VAE. Runs recorded before --lv-fresh-adam and
-    --lv-warmup-sigma existed had neither."""
+    warm start (N steps[ of sigma-VAE][, head at the MSE's sigma][, fresh Adam]), sigma-VAE. Runs recorded before
+    --lv-fresh-adam, --lv-warmup-sigma and --lv-handover-sigma existed had none of them."""
     name = SIGMA_NAMES[run["sigma"]] + (f" (sigma={run['sigma_value']:.3g})" if run["sigma"] == "fixed" else "")
     if not run.get("lv_warmup"):
         return name
     warm = " of sigma-VAE" if run.get("lv_warmup_sigma") == "optimal" else ""
+    warm += ", head at the MSE's sigma" if run.get("lv_handover_sigma") == "mse" else ""
     return name + f", warm start ({run['lv_warmup']} steps{warm}{', fresh Adam' if run.get('lv_fresh_adam') else ''})"
 
 
@@ -653,6 +676,7 @@ def figure_stem(run):
     epochs and seed (none for seed 0), so that a run of another length or seed keeps the others' figures."""
     seed = run_seed(run)
     warm = ("_warmstart" + ("-optimal" if run.get("lv_warmup_sigma") == "optimal" else "")
+            + ("-msehead" if run.get("lv_handover_sigma") == "mse" else "")
             + ("-freshadam" if run.get("lv_fresh_adam") else "")) if run.get("lv_warmup") else ""
     return f"{run['dataset']}_{run['sigma']}{warm}_{run['likelihood']}_" \
         f"{run['epochs']}ep" + (f"_seed{seed}" if seed else "")
@@ -920,6 +944,7 @@ def record_run(args, model, obs, test_pixels, final, iwae, record, out, device):
         f"per pixel: median {sigma.median().item():.3g}, min {sigma.min().item():.3g}, max {sigma.max().item():.3g}"
     record.update(dataset=args.dataset, sigma=args.sigma, sigma_value=args.sigma_value, lv_warmup=args.lv_warmup,
                   lv_fresh_adam=args.lv_fresh_adam, lv_warmup_sigma=args.lv_warmup_sigma,
+                  lv_handover_sigma=args.lv_handover_sigma,
                   likelihood=args.likelihood, seed=args.seed,
                   epochs=args.epochs, final=final, iwae=iwae, iwae_k=args.iwae_k, dtype=args.dtype,
                   compile=args.compile, sigma_summary=sigma_summary + (" (sqrt of the training MSE)"

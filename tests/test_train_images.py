@@ -228,6 +228,9 @@ def test_table_2_gathers_the_seeds_of_a_row(tmp_path):
     (["--eval-every", "0"], "--eval-every must be >= 1"),
     (["--lv-fresh-adam"], "--lv-fresh-adam restarts Adam at the warm start's hand-over; add --lv-warmup N"),
     (["--lv-warmup-sigma", "optimal"], "--lv-warmup-sigma is the warm start's phase before the hand-over"),
+    (["--lv-handover-sigma", "mse"], "--lv-handover-sigma is where the warm start's head starts; add --lv-warmup N"),
+    (["--lv-warmup", "5", "--lv-warmup-sigma", "optimal", "--lv-handover-sigma", "mse"],
+     "--lv-handover-sigma mse is what --lv-warmup-sigma optimal does already"),
 ])
 def test_contradictory_flags_are_refused(flags, message):
     result = run(flags)
@@ -733,6 +736,34 @@ def test_sigma_vae_warm_phase_hands_over_at_the_training_images_mse():
     assert model.training  # set_optimal_sigma leaves the model in training mode
 
 
+def test_ls_vae_warm_phase_with_the_mse_head_hands_over_at_the_training_images_mse(capsys):
+    # --lv-handover-sigma mse: an LS-VAE phase (its scalar unchanged), but the head starts where a sigma-VAE phase's
+    # would, at the training images' MSE, for every pixel; the hand-over says where it was and where it starts.
+    torch.manual_seed(0)
+    args = train_images.parse_args(["--sigma", "learned", "--lv-warmup", "5", "--lv-handover-sigma", "mse",
+                                    "--batch-size", "16"])
+    model, obs = train_images.make_model(args)
+    with torch.no_grad():
+        obs.scalar.raw_log_sigma.fill_(0.3)  # as if LS-VAE's sigma had risen to ~1.3, far above the MSE's
+    warm = obs.scalar.log_sigma.item()
+    train = (torch.rand(48, 1, 28, 28) * 255).to(torch.uint8)
+    torch.manual_seed(1)
+    train_images.hand_over(args, model, obs, None, train, torch.device("cpu"))  # as main() does
+    torch.manual_seed(1)
+    squared = []
+    for part in train.split(args.batch_size * 4):  # the same draws: the training images' MSE, by hand
+        part = part.float() / 255
+        mu, log_std = model.encode(part)
+        squared.append((part - model.decode(mu + log_std.exp() * torch.randn_like(mu))[:, :1]) ** 2)
+    start = 0.5 * torch.cat(squared).mean().log().item()
+    assert start < warm - 0.5  # the random decoder's MSE on uniform pixels, ~0.25: not the scalar's start
+    _, _, _, (_, after) = elbo_terms(model, obs, torch.rand(4, 1, 28, 28), torch.randn(4, 256), event_dims=3)
+    torch.testing.assert_close(after, torch.full_like(after, start), rtol=1e-5, atol=1e-5)
+    assert obs.scalar.log_sigma.item() == warm and model.training
+    assert capsys.readouterr().out == f"hand-over: the warm phase's log sigma {warm:.3f}, the per-pixel head starts " \
+        f"at {start:.3f}\n"
+
+
 def test_fresh_adam_gives_the_sigma_head_bias_corrected_updates_and_leaves_other_layers_alone():
     # Three LS-VAE steps, the hand-over, one more step. Kept state: the head's moments are still 0 but its step count
     # is the layer's, t = 4 at that step, so its first update is lr (0.1 / (1 - 0.9**t)) sqrt((1 - 0.999**t) / 0.001)
@@ -771,6 +802,7 @@ def test_fresh_adam_gives_the_sigma_head_bias_corrected_updates_and_leaves_other
     ([], "4 steps", "warmstart"),
     (["--lv-fresh-adam"], "4 steps, fresh Adam", "warmstart-freshadam"),
     (["--lv-warmup-sigma", "optimal"], "4 steps of sigma-VAE", "warmstart-optimal"),
+    (["--lv-handover-sigma", "mse"], "4 steps, head at the MSE's sigma", "warmstart-msehead"),
 ])
 def test_warm_start_run_hands_over_at_its_step_and_records_its_row(tmp_path, flags, setting, stem):
     data = write_tiny_mnist(tmp_path / "mnist")
@@ -789,6 +821,8 @@ def test_warm_start_run_hands_over_at_its_step_and_records_its_row(tmp_path, fla
     (record,) = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
     assert record["lv_warmup"] == 4 and record["seed"] == 1 and record["lv_fresh_adam"] == fresh_adam
     assert record["lv_warmup_sigma"] == ("optimal" if "optimal" in flags else "learned-scalar")
+    assert record["lv_handover_sigma"] == ("mse" if "mse" in flags else "warm")
+    assert "hand-over: the warm phase's log sigma" in result.stdout
     assert f"| LV-VAE, warm start ({setting}) | continuous | 1 |" in (tmp_path / "out" / "table2.md").read_text()
     assert (tmp_path / "out" / f"mnist_learned_{stem}_continuous_2ep_seed1_reconstructions.png").exists()
     result = run(["--sigma", "fixed", "--lv-warmup", "4"])

@@ -24,6 +24,7 @@ import math
 import os
 import struct
 import sys
+import textwrap
 import time
 import urllib.request
 import zipfile
@@ -484,11 +485,15 @@ def write_file_atomically(path, write):
 
 
 def save_figure(fig, path, command):
-    """Save a matplotlib figure as PNG with the command that made it, in a footer and in the PNG's metadata."""
+    """Save a matplotlib figure as PNG with the command that made it, in a footer below it, wrapped to the figure's
+    width, and in the PNG's metadata. The saved area is the figure's content (bbox "tight"), so that a long title
+    or footer is never cut at the edge."""
     import matplotlib.pyplot as plt
 
-    fig.text(0.01, 0.003, command, fontsize=6, color="gray", va="bottom")
-    fig.savefig(path, dpi=110, metadata={"Description": command})
+    chars = max(60, int(fig.get_figwidth() * 72 / (6 * 0.6)))  # 6 pt text, ~0.6 em a character
+    fig.text(0.01, 0, textwrap.fill(command, chars, break_on_hyphens=False, break_long_words=False), fontsize=6,
+             color="gray", va="top")
+    fig.savefig(path, dpi=110, metadata={"Description": command}, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
 
 

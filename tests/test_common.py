@@ -24,6 +24,7 @@ from common import (
     iwae_bound,
     load_checkpoint,
     save_checkpoint,
+    save_figure,
     soft_floor,
 )
 
@@ -254,3 +255,25 @@ def test_cuda_graph_step_warms_up_records_once_and_replays_on_copied_inputs():
     assert graphed.graph == "recorded" and outputs[2] is outputs[4]  # replays return the same static tensors...
     assert outputs[2][1].item() == 12.0  # ...overwritten by the last step (4 * 3), as a CUDA graph's are
     assert outputs[1][1].item() == 3.0  # a warm-up step's outputs are its own
+
+
+def test_save_figure_keeps_a_long_title_and_command_whole(tmp_path):
+    # The title and the footer of a figure are longer than the figure is wide (a long setting name, a long command):
+    # nothing may be cut at the PNG's edge, so every edge pixel is background, and the metadata holds the command.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    command = "python train_images.py " + " ".join(f"--flag-{i} data/some/long/path/{i}" for i in range(12))
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([0, 1], [0, 1])
+    fig.suptitle("celeba, LV-VAE, warm start (175 steps, head at the MSE's sigma), continuous likelihood, 30 epoch(s)")
+    save_figure(fig, tmp_path / "fig.png", command)
+    image = Image.open(tmp_path / "fig.png")
+    assert image.info["Description"] == command
+    gray = np.asarray(image.convert("L"))
+    assert min(gray[:, 0].min(), gray[:, -1].min(), gray[0].min(), gray[-1].min()) == 255
+    assert (gray < 200).any(axis=1).sum() > 0.2 * gray.shape[0]  # something was drawn

@@ -531,7 +531,8 @@ def hand_over(args, model, obs, optimizer, train_pixels, device):
     obs.hand_over(model.decoder[-1], log_sigma)
     if not dist.is_initialized() or dist.get_rank() == 0:
         start = obs.scalar.log_sigma.item() if log_sigma is None else log_sigma
-        print(f"hand-over: the warm phase's log sigma {warm_log_sigma:.3f}, the per-pixel head starts at {start:.3f}")
+        warm = "LS-VAE's learned" if isinstance(obs.scalar, LearnedScalarSigma) else "sigma-VAE's running (lagging)"
+        print(f"hand-over: {warm} log sigma {warm_log_sigma:.3f}, the per-pixel head starts at {start:.3f}")
     if args.lv_fresh_adam:
         restart_adam(optimizer, model.decoder[-1].parameters())
 

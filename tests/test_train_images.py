@@ -760,7 +760,7 @@ def test_ls_vae_warm_phase_with_the_mse_head_hands_over_at_the_training_images_m
     _, _, _, (_, after) = elbo_terms(model, obs, torch.rand(4, 1, 28, 28), torch.randn(4, 256), event_dims=3)
     torch.testing.assert_close(after, torch.full_like(after, start), rtol=1e-5, atol=1e-5)
     assert obs.scalar.log_sigma.item() == warm and model.training
-    assert capsys.readouterr().out == f"hand-over: the warm phase's log sigma {warm:.3f}, the per-pixel head starts " \
+    assert capsys.readouterr().out == f"hand-over: LS-VAE's learned log sigma {warm:.3f}, the per-pixel head starts " \
         f"at {start:.3f}\n"
 
 
@@ -822,7 +822,8 @@ def test_warm_start_run_hands_over_at_its_step_and_records_its_row(tmp_path, fla
     assert record["lv_warmup"] == 4 and record["seed"] == 1 and record["lv_fresh_adam"] == fresh_adam
     assert record["lv_warmup_sigma"] == ("optimal" if "optimal" in flags else "learned-scalar")
     assert record["lv_handover_sigma"] == ("mse" if "mse" in flags else "warm")
-    assert "hand-over: the warm phase's log sigma" in result.stdout
+    warm = "sigma-VAE's running (lagging)" if "optimal" in flags else "LS-VAE's learned"
+    assert f"hand-over: {warm} log sigma" in result.stdout
     assert f"| LV-VAE, warm start ({setting}) | continuous | 1 |" in (tmp_path / "out" / "table2.md").read_text()
     assert (tmp_path / "out" / f"mnist_learned_{stem}_continuous_2ep_seed1_reconstructions.png").exists()
     result = run(["--sigma", "fixed", "--lv-warmup", "4"])

@@ -519,7 +519,8 @@ def training_mse(model, train_pixels, args, device):
 
 
 def hand_over(args, model, obs, optimizer, train_pixels, device):
-    """The warm start's hand-over (--lv-warmup), once, between two steps: the model does not change (WarmStartSigma).
+    """The warm start's hand-over (--lv-warmup), once, between two steps: the model does not change (WarmStartSigma)
+    unless --lv-handover-sigma mse moves the head's start.
     A sigma-VAE warm phase first sets its sigma to the training images' MSE, not its lagging running average
     (momentum 0.99); --lv-handover-sigma mse starts the head there after an LS-VAE phase; --lv-fresh-adam then
     restarts the output layer's Adam state."""

@@ -293,7 +293,8 @@ class WarmStartSigma(torch.nn.Module):
     @torch.no_grad()
     def hand_over(self, output_layer, log_sigma=None):
         """output_layer: the decoder's last ConvTranspose2d; its output channels C..2C are the raw log sigma.
-        log_sigma: where the head starts instead of the scalar (--lv-handover-sigma mse); the model then changes."""
+        log_sigma: where the head starts instead of the scalar (--lv-handover-sigma mse); the model then changes.
+        Returns the log sigma the head starts at (its bias through the soft floor)."""
         channels = output_layer.out_channels // 2
         output_layer.weight[:, channels:].zero_()  # (in, out, kH, kW): out channels C..2C
         if log_sigma is None and isinstance(self.scalar, LearnedScalarSigma):
@@ -302,6 +303,7 @@ class WarmStartSigma(torch.nn.Module):
             log_sigma = self.scalar.log_sigma.item() if log_sigma is None else log_sigma
             output_layer.bias[channels:].fill_(inverse_soft_floor(max(log_sigma, self.floor + 1e-3), self.floor))
         self.handed_over.fill_(True)
+        return soft_floor(output_layer.bias[channels], self.floor).item()
 
 
 def make_model(args):
@@ -527,11 +529,10 @@ def hand_over(args, model, obs, optimizer, train_pixels, device):
     warm_log_sigma, log_sigma = obs.scalar.log_sigma.item(), None
     if args.lv_warmup_sigma == "optimal":
         set_optimal_sigma(model, obs.scalar, train_pixels, args, device)
-    elif getattr(args, "lv_handover_sigma", "warm") == "mse":
+    elif args.lv_handover_sigma == "mse":
         log_sigma = 0.5 * math.log(training_mse(model, train_pixels, args, device))
-    obs.hand_over(model.decoder[-1], log_sigma)
+    start = obs.hand_over(model.decoder[-1], log_sigma)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        start = obs.scalar.log_sigma.item() if log_sigma is None else log_sigma
         warm = "LS-VAE's learned" if isinstance(obs.scalar, LearnedScalarSigma) else "sigma-VAE's running (lagging)"
         print(f"hand-over: {warm} log sigma {warm_log_sigma:.3f}, the per-pixel head starts at {start:.3f}")
     if args.lv_fresh_adam:

@@ -707,6 +707,17 @@ def test_warm_start_hand_over_leaves_the_elbo_unchanged():
     assert model.decoder[-1].weight.grad[:, 1:].abs().max() > 0 and obs.scalar.raw_log_sigma.grad.abs().item() == 0
 
 
+def training_mse_by_hand(model, train, batch, seed):
+    """The training images' MSE as set_optimal_sigma computes it (z ~ q(z|x)), with the draws of manual_seed(seed)."""
+    torch.manual_seed(seed)
+    squared = []
+    for part in train.split(batch):
+        part = part.float() / 255
+        mu, log_std = model.encode(part)
+        squared.append((part - model.decode(mu + log_std.exp() * torch.randn_like(mu))[:, :1]) ** 2)
+    return torch.cat(squared).mean()
+
+
 def test_sigma_vae_warm_phase_hands_over_at_the_training_images_mse():
     # --lv-warmup-sigma optimal: before the hand-over sigma^2 is the batch's MSE (no parameter, no gradient to the
     # head); at it the loop sets the scalar to the training images' MSE and the head starts there for every pixel.
@@ -723,13 +734,7 @@ def test_sigma_vae_warm_phase_hands_over_at_the_training_images_mse():
     train = (torch.rand(48, 1, 28, 28) * 255).to(torch.uint8)
     torch.manual_seed(1)
     train_images.hand_over(args, model, obs, None, train, torch.device("cpu"))  # as main() does
-    torch.manual_seed(1)
-    squared = []
-    for part in train.split(args.batch_size * 4):  # the same draws: the training images' MSE, by hand
-        part = part.float() / 255
-        mu, log_std = model.encode(part)
-        squared.append((part - model.decode(mu + log_std.exp() * torch.randn_like(mu))[:, :1]) ** 2)
-    train_mse = torch.cat(squared).mean()
+    train_mse = training_mse_by_hand(model, train, args.batch_size * 4, seed=1)
     torch.testing.assert_close(obs.scalar.running_mse, train_mse.reshape(1, 1, 1).detach())
     _, _, _, (_, after) = elbo_terms(model, obs, x, eps, event_dims=3)
     torch.testing.assert_close(after, torch.full_like(after, 0.5 * train_mse.log().item()), rtol=1e-5, atol=1e-5)
@@ -749,13 +754,7 @@ def test_ls_vae_warm_phase_with_the_mse_head_hands_over_at_the_training_images_m
     train = (torch.rand(48, 1, 28, 28) * 255).to(torch.uint8)
     torch.manual_seed(1)
     train_images.hand_over(args, model, obs, None, train, torch.device("cpu"))  # as main() does
-    torch.manual_seed(1)
-    squared = []
-    for part in train.split(args.batch_size * 4):  # the same draws: the training images' MSE, by hand
-        part = part.float() / 255
-        mu, log_std = model.encode(part)
-        squared.append((part - model.decode(mu + log_std.exp() * torch.randn_like(mu))[:, :1]) ** 2)
-    start = 0.5 * torch.cat(squared).mean().log().item()
+    start = 0.5 * training_mse_by_hand(model, train, args.batch_size * 4, seed=1).log().item()
     assert start < warm - 0.5  # the random decoder's MSE on uniform pixels, ~0.25: not the scalar's start
     _, _, _, (_, after) = elbo_terms(model, obs, torch.rand(4, 1, 28, 28), torch.randn(4, 256), event_dims=3)
     torch.testing.assert_close(after, torch.full_like(after, start), rtol=1e-5, atol=1e-5)

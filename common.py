@@ -274,7 +274,7 @@ class OptimalSigma(nn.Module):
 
     @property
     def log_sigma(self):
-        return 0.5 * torch.log(self.running_mse).clamp(min=self.floor)
+        return (0.5 * torch.log(self.running_mse)).clamp(min=self.floor)  # the floor is on log sigma, as in forward
 
     def forward(self, decoder_out, x=None):
         if not self.training:

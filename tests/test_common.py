@@ -107,6 +107,19 @@ def test_optimal_sigma_is_the_batch_rmse_per_member_and_fixed_in_eval():
     torch.testing.assert_close(eval_log_sigma.exp().flatten(), rmse)
 
 
+def test_optimal_sigma_has_the_same_floor_on_log_sigma_in_training_and_in_eval():
+    # Below sigma = e^-3 (MSE < e^-6): the eval-mode sigma once clamped log(MSE), not log sigma, at the floor, so an
+    # evaluated sigma-VAE could not go below sigma = e^(MIN_LOG_SIGMA / 2) = 0.0498 while it trained below it.
+    obs = OptimalSigma((3, 1, 1), momentum=0.0)
+    x = torch.zeros(3, 50, 2)
+    mean = torch.tensor([0.02, 0.005, 1e-9]).reshape(3, 1, 1).expand_as(x)  # RMSE 0.02, 0.005, below e^-6
+    _, train_log_sigma = obs(mean, x)
+    obs.eval()
+    _, eval_log_sigma = obs(mean, x)
+    torch.testing.assert_close(eval_log_sigma, train_log_sigma)
+    torch.testing.assert_close(eval_log_sigma.flatten(), torch.tensor([math.log(0.02), math.log(0.005), MIN_LOG_SIGMA]))
+
+
 def test_soft_floor_bounds_learned_log_sigma():
     raw = torch.linspace(-40, 5, 200)
     log_sigma = soft_floor(raw)

@@ -12,7 +12,8 @@ Settings (Table 1): F-VAE with fixed sigma, LS-VAE (learned scalar sigma, Eq. 10
 sigma(z), Eq. 11), F*-VAE (sigma fixed at the final sigma of LS-VAE with the same seed), F-sched (App. A.2: a fixed
 sigma that replays LS-VAE's recorded sigma(t), from another initialisation and data stream), and two rows the paper
 does not have: the sigma-VAE of Rybkin et al. (sigma^2 = batch MSE), and LV-VAE with a warm start (ours: trained as
-LS-VAE for --lv-warmup steps, then handed over to the per-dimension sigma(z) head; see WarmStartSigma). All seeds of all
+LS-VAE, or as sigma-VAE, for --lv-warmup steps, then handed over to the per-dimension sigma(z) head; see
+WarmStartSigma). All seeds of all
 settings of a phase train as one batched ensemble (common.MLPVAE); members with the same seed share initial weights,
 data batches and reparametrisation noise, so the settings differ only in their observation model.
 
@@ -69,10 +70,12 @@ PAPER_TABLE1 = {
     "LS-VAE": "1.26 ± 0.09 (sigma* = 0.043)",
     "LV-VAE": "1.62 ± 0.08",
     "LV-VAE, warm start": "not in the paper (ours)",
+    "LV-VAE, warm start (sigma-VAE)": "not in the paper (ours)",
     "F*-VAE": "below F-VAE sigma=0.1 (text, Sec. 4.2)",
     "F-sched": "same as LS-VAE (text, App. A.2)",
 }
-SETTINGS = ["F", "LS", "LV", "LVwarm", "Fstar", "Fsched", "optimal"]
+SETTINGS = ["F", "LS", "LV", "LVwarm", "LVwarmopt", "Fstar", "Fsched", "optimal"]
+WARM_ROWS = {"LVwarm": ("LV-VAE, warm start", "learned-scalar"), "LVwarmopt": ("LV-VAE, warm start (sigma-VAE)", "optimal")}
 DATASETS = ["sine", "circle", "spiral"]
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -85,15 +88,15 @@ parser.add_argument("--hidden", type=int, help="units per layer of the encoder a
 parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
 parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=SETTINGS,
                     help="which rows of Table 1 to train (default: all). Fstar and Fsched need LS; LVwarm is LV-VAE "
-                         "with a warm start (ours)")
+                         "with a warm start as LS-VAE, LVwarmopt with one as sigma-VAE (ours)")
 parser.add_argument("--data", choices=DATASETS, default="sine",
                     help="sine: the paper's Fig. 3 shape (default); circle and spiral: ours (see the docstring)")
 parser.add_argument("--lv-warmup", type=int, default=1000,
-                    help="LVwarm: steps trained as LS-VAE before the hand-over to the per-dimension sigma(z) head "
-                         "(default 1000)")
+                    help="LVwarm, LVwarmopt: steps trained as LS-VAE (sigma-VAE) before the hand-over to the "
+                         "per-dimension sigma(z) head (default 1000)")
 parser.add_argument("--lv-handover", choices=["fixed", "settled"], default="fixed",
-                    help="LVwarm: hand over after --lv-warmup steps (fixed, default), or per seed once the LS phase's "
-                         "reconstruction NLL and KL have settled (see SETTLE_WINDOW)")
+                    help="LVwarm, LVwarmopt: hand over after --lv-warmup steps (fixed, default), or per seed once the "
+                         "warm phase's reconstruction NLL and KL have settled (see SETTLE_WINDOW)")
 parser.add_argument("--fixed-sigmas", type=float, nargs="+", default=[1.0, 0.3, 0.1, 0.043, 0.03, 0.01],
                     help="sigma values of the F-VAE rows (default: the paper's 1 0.3 0.1 0.043 0.03 0.01)")
 parser.add_argument("--blocks", type=int, default=4, help="residual blocks per ResNet (default 4, the paper's)")
@@ -130,9 +133,10 @@ def parse_args(argv=None):
                 "iwae_points", "log_every", "lv_warmup"]:
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
-    if "LVwarm" in args.settings and args.lv_handover == "fixed" and args.lv_warmup >= args.steps:
+    warm = [setting for setting in WARM_ROWS if setting in args.settings]
+    if warm and args.lv_handover == "fixed" and args.lv_warmup >= args.steps:
         parser.error(f"--lv-warmup ({args.lv_warmup}) must be below --steps ({args.steps}): the warm start needs steps "
-                     "after its hand-over; lower --lv-warmup or drop LVwarm from --settings")
+                     f"after its hand-over; lower --lv-warmup or drop {' and '.join(warm)} from --settings")
     if args.iwae_points > args.eval_points:
         parser.error("--iwae-points cannot exceed --eval-points (it uses the first of those points)")
     if args.lr <= 0:
@@ -229,14 +233,17 @@ SETTLE_WINDOW, SETTLE_AVERAGE, SETTLE_TOLERANCE = 250, 100, 0.02
 
 
 class WarmStartSigma(nn.Module):
-    """LV-VAE with a warm start (ours, not the paper's): an LS-VAE until the hand-over, then LV-VAE's sigma(z).
+    """LV-VAE with a warm start (ours, not the paper's): an LS-VAE (or sigma-VAE) until the hand-over, then LV-VAE's
+    sigma(z).
 
     The decoder outputs (mean, raw log sigma) per dimension, as for LV-VAE (Eq. 11), but until a member hands over
-    its log sigma is one learned scalar (Eq. 10, from sigma = 1) and the raw log sigma head is ignored: its gradient is
-    exactly zero, so Adam leaves its weights and moments untouched. `hand_over` sets the head's weights to 0 and its
-    bias to the scalar's raw log sigma, so that soft_floor(head) = the scalar's log sigma for every z: the model and
-    its ELBO are the same just before and after. What changes is where the sigma terms' gradient goes: through the head
-    into the decoder and, through z, into the encoder. Why (the fold of LV-VAE from scratch): README.
+    its log sigma is one scalar and the raw log sigma head is ignored: its gradient is exactly zero, so Adam leaves its
+    weights and moments untouched. The scalar (`warm`): LS-VAE's, learned from sigma = 1 (Eq. 10), or sigma-VAE's,
+    sigma^2 = the batch's MSE. `hand_over` sets the head's weights to 0 and its bias to the scalar's raw log sigma
+    (sigma-VAE: that of its running MSE, momentum 0.99, i.e. about the last 100 batches'), so that soft_floor(head) =
+    the scalar's log sigma for every z: the model is the same just before and after, and for LS-VAE its ELBO too (for
+    sigma-VAE up to the batch's MSE against the running one). What changes is where the sigma terms' gradient goes:
+    through the head into the decoder and, through z, into the encoder. Why (the fold of LV-VAE from scratch): README.
 
     Adam's step count is one per weight tensor, shared with the rest of the layer, so the head's fresh moments get
     almost no bias correction after the hand-over: under a steady gradient its updates reach ~5 lr some ten steps
@@ -245,10 +252,11 @@ class WarmStartSigma(nn.Module):
 
     decoder_outputs_per_dim = 2
 
-    def __init__(self, members, floor=MIN_LOG_SIGMA):
+    def __init__(self, members, floor=MIN_LOG_SIGMA, warm="learned-scalar"):
         super().__init__()
         self.floor = floor
-        self.scalar = LearnedScalarSigma((members, 1, 1), floor=floor)  # the LS-VAE phase
+        self.scalar = LearnedScalarSigma((members, 1, 1), floor=floor) if warm == "learned-scalar" else \
+            OptimalSigma((members, 1, 1), floor=floor)  # the warm phase
         self.register_buffer("handed_over", torch.zeros(members, 1, 1, dtype=torch.bool))
         self.register_buffer("handover_step", torch.full((members,), -1, dtype=torch.long))
         # --lv-handover settled: running averages of (reconstruction NLL, KL), now and one window ago
@@ -258,7 +266,7 @@ class WarmStartSigma(nn.Module):
     def forward(self, decoder_out, x=None):
         mean, raw_log_sigma = decoder_out.chunk(2, dim=-1)
         per_dim = soft_floor(raw_log_sigma, self.floor)  # Eq. 11, after the hand-over
-        return mean, torch.where(self.handed_over, per_dim, self.scalar.log_sigma)  # Eq. 10 before it
+        return mean, torch.where(self.handed_over, per_dim, self.scalar(mean, x)[1])  # Eq. 10 (or sigma-VAE) before
 
     @torch.no_grad()
     def hand_over(self, head_weight, head_bias, step, now=None):
@@ -268,8 +276,12 @@ class WarmStartSigma(nn.Module):
         output layer, set in place to 0 and to the scalar's raw log sigma.
         """
         now = (torch.ones_like(self.handed_over) if now is None else now) & ~self.handed_over
+        if isinstance(self.scalar, LearnedScalarSigma):
+            raw = self.scalar.raw_log_sigma
+        else:  # sigma-VAE's log sigma is clamped at the floor, where the soft floor has no inverse (inverse_soft_floor)
+            raw = self.floor + torch.log(torch.expm1(self.scalar.log_sigma.clamp(min=self.floor + 1e-3) - self.floor))
         head_weight.copy_(torch.where(now, torch.zeros_like(head_weight), head_weight))
-        head_bias.copy_(torch.where(now, self.scalar.raw_log_sigma.expand_as(head_bias), head_bias))
+        head_bias.copy_(torch.where(now, raw.expand_as(head_bias), head_bias))
         self.handed_over |= now
         self.handover_step.copy_(torch.where(now.reshape(-1), step, self.handover_step))
 
@@ -556,8 +568,9 @@ def main(args):
         groups.append(("sigma-VAE", OptimalSigma((len(seeds), 1, 1))))
     if "LV" in args.settings:
         groups.append(("LV-VAE", LearnedPerDimSigma(dim=-1)))
-    if "LVwarm" in args.settings:
-        groups.append(("LV-VAE, warm start", WarmStartSigma(len(seeds))))
+    for setting, (name, warm) in WARM_ROWS.items():
+        if setting in args.settings:
+            groups.append((name, WarmStartSigma(len(seeds), warm=warm)))
     ensembles = [Ensemble(groups, seeds, args, device)] if groups else []
     history, ls_schedule = train(ensembles, seeds, args, device, "phase 1")
     phase_seconds = [time.time() - started]
@@ -631,13 +644,15 @@ def write_table(args, results, history, data_log_p, command, machine, train_seco
         f"first {args.iwae_points} of them. Mean ± std over seeds, and each seed's ELBO in seed order. Higher is "
         "better.",
         "",
-        "LV-VAE, warm start (ours, not the paper's): trained as LS-VAE, then handed over to the per-dimension "
-        "sigma(z) head of LV-VAE (zero weights, bias at LS-VAE's log sigma: the same ELBO before and after), in the "
-        "same ensemble as LV-VAE from scratch, with the same initial weights, batches and noise. Hand-over "
+        "LV-VAE, warm start (ours, not the paper's): trained as LS-VAE (the row 'LV-VAE, warm start (sigma-VAE)': as "
+        "sigma-VAE), then handed over to the per-dimension sigma(z) head of LV-VAE (zero weights, bias at the warm "
+        "phase's log sigma, sigma-VAE's running one: the same model before and after), in the same ensemble as LV-VAE "
+        "from scratch, with the same initial weights, batches and noise. Hand-over "
         + (f"after {args.lv_warmup} steps." if args.lv_handover == "fixed" else
-           f"once the LS phase's losses settled (--lv-handover settled), at steps "
-           f"{' / '.join(str(s) for s in history['LV-VAE, warm start']['handover_step'].tolist())} per seed "
-           "(-1: never)." if "LV-VAE, warm start" in history else ""),
+           "once the warm phase's losses settled (--lv-handover settled), at steps " + "; ".join(
+               f"{' / '.join(str(s) for s in history[name]['handover_step'].tolist())} per seed ({name})"
+               for name, _ in WARM_ROWS.values() if name in history) + " (-1: never)."
+           if any(name in history for name, _ in WARM_ROWS.values()) else ""),
         "",
         "The paper's ELBO leaves out the Gaussian constant D/2 log 2pi (its F-VAE sigma=1 value, -1.14, is above the "
         "-1.84 that the constant alone would cap it at), so the column 'measured, paper's convention' adds "
@@ -712,7 +727,7 @@ def write_figures(args, ensembles, history, x_eval, u_eval, command):
     figures = {
         "fig4_all_settings.png": list(panels),
         "fig6_learned_sigma.png": [n for n in ["LS-VAE", "F*-VAE", "LV-VAE", "LV-VAE, warm start", "F-sched",
-                                               "sigma-VAE"] if n in panels],
+                                               "sigma-VAE", "LV-VAE, warm start (sigma-VAE)"] if n in panels],
         "fig7_fixed_sigma.png": [n for n in panels if n.startswith("F-VAE sigma=")],
     }
     for filename, names in figures.items():
@@ -772,7 +787,7 @@ def write_figures(args, ensembles, history, x_eval, u_eval, command):
         save_figure(fig, f"{out}/fig10_ls_sigma.png", command)
 
     # Fig. 11 (ours): what the main latent of the LV rows encodes along training, every seed.
-    names = [name for name in ["LV-VAE", "LV-VAE, warm start"] if name in history]
+    names = [name for name in ["LV-VAE", "LV-VAE, warm start", "LV-VAE, warm start (sigma-VAE)"] if name in history]
     if names:
         fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 3.8), squeeze=False, sharey=True)
         for ax, name in zip(axes[0], names):
@@ -780,7 +795,7 @@ def write_figures(args, ensembles, history, x_eval, u_eval, command):
             for seed, colour in zip(range(args.seeds), plt.rcParams["axes.prop_cycle"].by_key()["color"] * args.seeds):
                 ax.plot(h["fold_step"], h["fold"][:, seed, 0], color=colour, lw=1.2, label=f"seed {args.seed + seed}")
                 ax.plot(h["fold_step"], h["fold"][:, seed, 1], color=colour, lw=1.0, ls=":")
-                if name == "LV-VAE, warm start" and h["handover_step"][seed] > 0:
+                if "handover_step" in h and h["handover_step"][seed] > 0:
                     ax.axvline(h["handover_step"][seed], color=colour, lw=1, ls="--")
             ax.set(xscale="log", xlabel="step", ylim=(0, 1.02), title=name)
             ax.grid(True, which="major", alpha=0.3)

@@ -172,7 +172,8 @@ def test_train_2d_cuda_graph_steps_follow_the_eager_steps(tmp_path):
         groups = [("F-VAE sigma=0.1", FixedSigma(torch.full((2, 1, 1), 0.1))),
                   ("LS-VAE", LearnedScalarSigma((2, 1, 1))), ("sigma-VAE", OptimalSigma((2, 1, 1))),
                   ("LV-VAE", LearnedPerDimSigma(dim=-1)),
-                  ("LV-VAE, warm start", train_2d.WarmStartSigma(2))]
+                  ("LV-VAE, warm start", train_2d.WarmStartSigma(2)),
+                  ("LV-VAE, warm start (sigma-VAE)", train_2d.WarmStartSigma(2, warm="optimal"))]
         started = time.time()
         phase1 = train_2d.Ensemble(groups, seeds, args, "cuda")
         history, schedule = train_2d.train([phase1], seeds, args, "cuda", f"phase 1, graphs {mode}")
@@ -185,6 +186,7 @@ def test_train_2d_cuda_graph_steps_follow_the_eager_steps(tmp_path):
         runs[mode] = history, [p.detach().cpu() for ens in (phase1, phase2) for p in ens.model.parameters()]
     (eager, eager_weights), (graphed, graphed_weights) = runs["off"], runs["on"]
     assert graphed["LV-VAE, warm start"]["handover_step"].tolist() == [101, 101]
+    assert graphed["LV-VAE, warm start (sigma-VAE)"]["handover_step"].tolist() == [101, 101]
     for name in eager:
         for key in ["elbo", "recon_nll", "kl", "log_sigma"]:
             torch.testing.assert_close(torch.as_tensor(graphed[name][key]), torch.as_tensor(eager[name][key]),

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import train_2d
-from common import FixedSigma, LearnedPerDimSigma, LearnedScalarSigma, OptimalSigma, ScheduledSigma, elbo_terms
+from common import (FixedSigma, LearnedPerDimSigma, LearnedScalarSigma, OptimalSigma, ScheduledSigma, elbo_terms,
+                    soft_floor)
 from test_common import ReplayedOnCPU
 
 ROOT = train_2d.__file__.rsplit("/", 1)[0]
@@ -83,6 +84,41 @@ def test_warm_start_trains_as_ls_vae_then_hands_over_with_the_same_elbo(tmp_path
         log_sigma = elbo_terms(ensemble.model, ensemble.obs, x, eps)[3][1][2:]  # (2, 500, 2)
     assert log_sigma.std(dim=1).min() > 1e-3
     assert not (head == 0).all()
+
+
+def test_sigma_vae_warm_start_trains_as_sigma_vae_then_hands_over_to_the_same_model(tmp_path):
+    args = small_args(tmp_path, "--steps", "30", "--lr", "3e-3")
+    args.lv_warmup = 30  # the sigma-VAE phase only
+    warm = train_2d.WarmStartSigma(2, warm="optimal")
+    ensemble = train_2d.Ensemble([("sigma-VAE", OptimalSigma((2, 1, 1))), ("LV-VAE, warm start (sigma-VAE)", warm)],
+                                 [0, 1], args, "cpu")
+    history, _ = train_2d.train([ensemble], [0, 1], args, "cpu", "sigma-VAE phase")
+    assert not warm.handed_over.any()
+    # The warm phase is sigma-VAE: the same seeds give the sigma-VAE row's trajectory (its head's gradient is zero, as
+    # is that of the unused half of the sigma-VAE members' output layer) and its running MSE.
+    assert history["LV-VAE, warm start (sigma-VAE)"]["elbo"] == pytest.approx(history["sigma-VAE"]["elbo"], abs=1e-4)
+    for p in ensemble.model.parameters():
+        torch.testing.assert_close(p[2:], p[:2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(warm.scalar.running_mse, ensemble.group("sigma-VAE").running_mse)
+    assert (warm.scalar.running_mse < 1).all()  # it moved from 1 toward the batches' MSE (momentum 0.99: it lags)
+
+    ensemble.model.eval(), ensemble.obs.eval()  # evaluation uses the running MSE: a fixed model, one sigma a member
+    x = train_2d.sample_data(500, torch.Generator().manual_seed(123)).expand(4, -1, -1)
+    eps = torch.randn(4, 500, 2, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        before = elbo_terms(ensemble.model, ensemble.obs, x, eps)
+        ensemble.hand_over("LV-VAE, warm start (sigma-VAE)", step=31)
+        after = elbo_terms(ensemble.model, ensemble.obs, x, eps)
+    assert warm.handed_over.all() and (ensemble.model.decoder.output.weight[2:, :, 2:] == 0).all()
+    torch.testing.assert_close(after[3][1][2:], warm.scalar.log_sigma.expand(2, 500, 2), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(after[2], before[2], rtol=1e-6, atol=1e-6)
+
+    # A running MSE at or below the floor (where the soft floor has no inverse): the head starts just above it.
+    floored = train_2d.WarmStartSigma(1, warm="optimal")
+    floored.scalar.running_mse.fill_(1e-30)
+    weight, bias = torch.ones(1, 4, 2), torch.zeros(1, 1, 2)
+    floored.hand_over(weight, bias, step=1)
+    assert torch.isfinite(bias).all() and (soft_floor(bias) - floored.floor).sub(1e-3).abs().max() < 1e-5
 
 
 def test_warm_start_hands_over_at_the_step_after_lv_warmup_inside_training(tmp_path):
@@ -232,7 +268,7 @@ def test_end_to_end_writes_table_and_figures_and_a_rerun_of_some_rows_gives_the_
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     names = [row.split("|")[1].strip() for row in rows]
     assert names[:-1] == ["F-VAE sigma=1", "F-VAE sigma=0.1", "LS-VAE", "sigma-VAE", "LV-VAE", "LV-VAE, warm start",
-                          "F*-VAE", "F-sched"]
+                          "LV-VAE, warm start (sigma-VAE)", "F*-VAE", "F-sched"]
     for row in rows[:-1]:
         cells = row.split("|")
         measured = float(cells[3].split("±")[0])
@@ -243,7 +279,7 @@ def test_end_to_end_writes_table_and_figures_and_a_rerun_of_some_rows_gives_the_
     for name in ["fig3_dataset", "fig4_all_settings", "fig6_learned_sigma", "fig7_fixed_sigma",
                  "fig8_losses_fixed_sigma", "fig9_losses_learned_sigma", "fig10_ls_sigma", "fig11_lv_fold"]:
         assert (out / f"{name}.png").stat().st_size > 10000, name
-    assert len(list((tmp_path / "runs").iterdir())) == 8  # one TensorBoard run per setting
+    assert len(list((tmp_path / "runs").iterdir())) == 9  # one TensorBoard run per setting
     # Every draw is seeded (weights, data, training and evaluation noise, one stream per seed), and a member's numbers
     # do not depend on the rows trained beside it (beyond the last bits of a member that lands in the scalar tail of a
     # vectorised kernel, README): a rerun of three rows gives those rows' numbers again.
@@ -303,7 +339,8 @@ def test_graphed_steps_train_exactly_as_eager_steps(tmp_path, monkeypatch):
 
         groups = [("F-VAE sigma=0.1", FixedSigma(torch.full((2, 1, 1), 0.1))),
                   ("LS-VAE", LearnedScalarSigma((2, 1, 1))), ("sigma-VAE", OptimalSigma((2, 1, 1))),
-                  ("LV-VAE", LearnedPerDimSigma(dim=-1)), ("LV-VAE, warm start", train_2d.WarmStartSigma(2))]
+                  ("LV-VAE", LearnedPerDimSigma(dim=-1)), ("LV-VAE, warm start", train_2d.WarmStartSigma(2)),
+                  ("LV-VAE, warm start (sigma-VAE)", train_2d.WarmStartSigma(2, warm="optimal"))]
         phase1 = maybe_graphed(train_2d.Ensemble(groups, [0, 1], args, "cpu"))
         history, schedule = train_2d.train([phase1], [0, 1], args, "cpu", "phase 1")
         phase2 = maybe_graphed(train_2d.Ensemble([("F-sched", ScheduledSigma(schedule.reshape(60, -1, 1, 1)))],
@@ -321,5 +358,6 @@ def test_graphed_steps_train_exactly_as_eager_steps(tmp_path, monkeypatch):
             assert (replayed[name][key] == value).all(), (name, key)
     assert all(torch.equal(a, b) for a, b in zip(eager_weights, replayed_weights))
     eager_sigma, replayed_sigma = written[0], written[2]  # phase 1 of each run
-    assert eager_sigma.keys() == replayed_sigma.keys() == {"LV-VAE", "LV-VAE, warm start"}
+    assert eager_sigma.keys() == replayed_sigma.keys() == {"LV-VAE", "LV-VAE, warm start",
+                                                           "LV-VAE, warm start (sigma-VAE)"}
     assert all(torch.equal(eager_sigma[name], replayed_sigma[name]) for name in eager_sigma)

@@ -13,9 +13,9 @@ sigma(z), Eq. 11), F*-VAE (sigma fixed at the final sigma of LS-VAE with the sam
 sigma that replays LS-VAE's recorded sigma(t), from another initialisation and data stream), and two rows the paper
 does not have: the sigma-VAE of Rybkin et al. (sigma^2 = batch MSE), and LV-VAE with a warm start (ours: trained as
 LS-VAE, or as sigma-VAE, for --lv-warmup steps, then handed over to the per-dimension sigma(z) head; see
-WarmStartSigma). All seeds of all
-settings of a phase train as one batched ensemble (common.MLPVAE); members with the same seed share initial weights,
-data batches and reparametrisation noise, so the settings differ only in their observation model.
+WarmStartSigma). All seeds of all settings of a phase train as one batched ensemble (common.MLPVAE); members with the
+same seed share initial weights, data batches and reparametrisation noise, so the settings differ only in their
+observation model.
 
     python train_2d.py                                # quick preset: small nets, 3 seeds, a few minutes on a CPU
     python train_2d.py --preset paper --device cuda   # the paper's protocol: 10 seeds, 200-unit ResNets
@@ -75,7 +75,8 @@ PAPER_TABLE1 = {
     "F-sched": "same as LS-VAE (text, App. A.2)",
 }
 SETTINGS = ["F", "LS", "LV", "LVwarm", "LVwarmopt", "Fstar", "Fsched", "optimal"]
-WARM_ROWS = {"LVwarm": ("LV-VAE, warm start", "learned-scalar"), "LVwarmopt": ("LV-VAE, warm start (sigma-VAE)", "optimal")}
+WARM_ROWS = {"LVwarm": ("LV-VAE, warm start", "learned-scalar"),  # setting: (row, the warm phase's scalar sigma)
+             "LVwarmopt": ("LV-VAE, warm start (sigma-VAE)", "optimal")}
 DATASETS = ["sine", "circle", "spiral"]
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)

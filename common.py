@@ -186,7 +186,9 @@ def soft_floor(raw_log_sigma, floor=MIN_LOG_SIGMA):
 
 
 def inverse_soft_floor(log_sigma, floor=MIN_LOG_SIGMA):
-    """The raw value that `soft_floor` maps to log_sigma (> floor)."""
+    """The raw value that `soft_floor` maps to log_sigma (> floor): a float, or a tensor elementwise."""
+    if torch.is_tensor(log_sigma):
+        return floor + torch.log(torch.expm1(log_sigma - floor))
     return floor + math.log(math.expm1(log_sigma - floor))
 
 

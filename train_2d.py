@@ -46,6 +46,7 @@ from common import (
     ScheduledSigma,
     elbo_terms,
     hardware,
+    inverse_soft_floor,
     iwae_bound,
     log_sigma_stats,
     make_writer,
@@ -279,8 +280,8 @@ class WarmStartSigma(nn.Module):
         now = (torch.ones_like(self.handed_over) if now is None else now) & ~self.handed_over
         if isinstance(self.scalar, LearnedScalarSigma):
             raw = self.scalar.raw_log_sigma
-        else:  # sigma-VAE's log sigma is clamped at the floor, where the soft floor has no inverse (inverse_soft_floor)
-            raw = self.floor + torch.log(torch.expm1(self.scalar.log_sigma.clamp(min=self.floor + 1e-3) - self.floor))
+        else:  # sigma-VAE's log sigma is clamped at the floor, where the soft floor has no inverse
+            raw = inverse_soft_floor(self.scalar.log_sigma.clamp(min=self.floor + 1e-3), self.floor)
         head_weight.copy_(torch.where(now, torch.zeros_like(head_weight), head_weight))
         head_bias.copy_(torch.where(now, raw.expand_as(head_bias), head_bias))
         self.handed_over |= now

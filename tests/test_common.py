@@ -128,6 +128,8 @@ def test_soft_floor_bounds_learned_log_sigma():
     torch.testing.assert_close(log_sigma[-1], raw[-1], atol=1e-4, rtol=0)  # ~identity well above the floor
     for value in [-5.0, -3.1, 0.0, 2.0]:
         assert soft_floor(torch.tensor(inverse_soft_floor(value))).item() == pytest.approx(value, abs=1e-5)
+    values = torch.tensor([-5.0, -3.1, 0.0, 2.0])  # tensors, elementwise: the same raw values
+    torch.testing.assert_close(inverse_soft_floor(values), torch.tensor([inverse_soft_floor(v) for v in values.tolist()]))
 
 
 def test_gaussian_kl_equals_torch_and_monte_carlo():

@@ -53,6 +53,18 @@ def test_learned_sigma_moves_down_from_one_in_a_short_run(tmp_path):
     assert history["LV-VAE"]["log_sigma"][-1].max() < math.log(0.8)
 
 
+def elbo_terms_around_hand_over(ensemble, name, step):
+    """The warm start `name` (members 2, 3 of a 2-seed, 2-row ensemble) hands over at `step`; elbo_terms on 500 fixed
+    points and noise just before and after it. -> x, eps, before, after."""
+    x = train_2d.sample_data(500, torch.Generator().manual_seed(123)).expand(4, -1, -1)
+    eps = torch.randn(4, 500, 2, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        before = elbo_terms(ensemble.model, ensemble.obs, x, eps)
+        ensemble.hand_over(name, step=step)
+        after = elbo_terms(ensemble.model, ensemble.obs, x, eps)
+    return x, eps, before, after
+
+
 def test_warm_start_trains_as_ls_vae_then_hands_over_with_the_same_elbo(tmp_path):
     args = small_args(tmp_path, "--steps", "40", "--lr", "3e-3")
     args.lv_warmup = 40  # the hand-over would come at step 41: this call trains the LS phase only
@@ -66,12 +78,7 @@ def test_warm_start_trains_as_ls_vae_then_hands_over_with_the_same_elbo(tmp_path
     assert torch.equal(head, head_at_start)
     assert (warm.scalar.log_sigma < -0.05).all()
 
-    x = train_2d.sample_data(500, torch.Generator().manual_seed(123)).expand(4, -1, -1)
-    eps = torch.randn(4, 500, 2, generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        before = elbo_terms(ensemble.model, ensemble.obs, x, eps)
-        ensemble.hand_over("LV-VAE, warm start", step=41)
-        after = elbo_terms(ensemble.model, ensemble.obs, x, eps)
+    x, eps, before, after = elbo_terms_around_hand_over(ensemble, "LV-VAE, warm start", step=41)
     assert warm.handed_over.all() and (head == 0).all() and warm.handover_step.tolist() == [41, 41]
     # The same batch and noise: the same log sigma and ELBO of every point, to float precision.
     torch.testing.assert_close(after[3][1], before[3][1], rtol=1e-6, atol=1e-6)
@@ -103,12 +110,7 @@ def test_sigma_vae_warm_start_trains_as_sigma_vae_then_hands_over_to_the_same_mo
     assert (warm.scalar.running_mse < 1).all()  # it moved from 1 toward the batches' MSE (momentum 0.99: it lags)
 
     ensemble.model.eval(), ensemble.obs.eval()  # evaluation uses the running MSE: a fixed model, one sigma a member
-    x = train_2d.sample_data(500, torch.Generator().manual_seed(123)).expand(4, -1, -1)
-    eps = torch.randn(4, 500, 2, generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        before = elbo_terms(ensemble.model, ensemble.obs, x, eps)
-        ensemble.hand_over("LV-VAE, warm start (sigma-VAE)", step=31)
-        after = elbo_terms(ensemble.model, ensemble.obs, x, eps)
+    _, _, before, after = elbo_terms_around_hand_over(ensemble, "LV-VAE, warm start (sigma-VAE)", step=31)
     assert warm.handed_over.all() and (ensemble.model.decoder.output.weight[2:, :, 2:] == 0).all()
     torch.testing.assert_close(after[3][1][2:], warm.scalar.log_sigma.expand(2, 500, 2), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(after[2], before[2], rtol=1e-6, atol=1e-6)

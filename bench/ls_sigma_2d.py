@@ -1,0 +1,124 @@
+"""Where LS-VAE's learned sigma comes to rest on the 2-D sine, and what its reconstructions keep of the noise.
+
+In Table 1's runs LS-VAE's sigma falls from 1 to a plateau near 0.065 and some seeds later drop to about 0.044, at
+steps that vary from seed to seed (Fig. 10). This trains LS-VAE alone with train_2d.py's ensemble, loop and data (its
+decoder has one output per dimension, not Table 1's two, so its seeds start from other weights than that row's) and,
+for each seed's final model, splits the reconstruction error at the encoder's mean into its components along the
+curve and across it at each point's true u, per noise region, as fractions of that region's noise variance s^2 (the
+noise is isotropic: s^2 in each direction):
+    (1, 1): the reconstruction is the curve's point at the true u (the code knows u, not the noise);
+    (0, 1): the reconstruction is the nearest point of the curve (the code follows the noise along the curve);
+    normal < 1: the code also keeps some of the noise across the curve (only a second latent can).
+It also gives each latent's KL (nats per point, the larger first) and the step at which sigma first fell below 0.055.
+
+    python bench/ls_sigma_2d.py                       # 10 seeds x 20,000 steps, 64-unit nets (~3 min on 2 CPU cores)
+    python bench/ls_sigma_2d.py --hidden 200 --seeds 4 --steps 15000
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_2d  # noqa: E402  (its ensemble, training loop and data)
+from common import LearnedScalarSigma, hardware, write_file_atomically  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--seeds", type=int, default=10, help="seeds 0 .. N-1 (default 10)")
+parser.add_argument("--steps", type=int, default=20000, help="training steps (default 20000, the paper's)")
+parser.add_argument("--hidden", type=int, default=64, help="units per layer (default 64; the paper's is 200)")
+parser.add_argument("--points", type=int, default=20000, help="fresh points for the measurements (default 20000)")
+parser.add_argument("--threshold", type=float, default=0.055, help="sigma between the two resting values (0.055)")
+parser.add_argument("--logdir", default="runs", help="TensorBoard folder of the training run (default runs)")
+parser.add_argument("--out", default="results/2d/ls_sigma_states.md", help="the table (default %(default)s)")
+
+
+def along_and_across(error, u, data="sine"):
+    """Mean squared error along the curve and across it at each point's true u, per noise region, each divided by
+    the region's s^2. error: (..., N, 2), u: (N,) -> (..., regions, 2)."""
+    h = 1e-4  # the curve's unit tangent and normal at u, by central differences in float64
+    tangent = train_2d.manifold(u.double() + h, data) - train_2d.manifold(u.double() - h, data)
+    tangent = (tangent / tangent.norm(dim=-1, keepdim=True)).float()
+    normal = torch.stack([-tangent[:, 1], tangent[:, 0]], dim=-1)
+    region = torch.bucketize(u, torch.tensor(train_2d.NOISE_EDGES), right=True)  # 0, 1, 2: u < -1/3, middle, rest
+    parts = []
+    for r, s in enumerate(train_2d.NOISE_LEVELS[data]):
+        e = error[..., region == r, :]
+        along = ((e * tangent[region == r]).sum(-1) ** 2).mean(-1)
+        across = ((e * normal[region == r]).sum(-1) ** 2).mean(-1)
+        parts.append(torch.stack([along, across], dim=-1) / s**2)
+    return torch.stack(parts, dim=-2)
+
+
+def main(args):
+    train_args = train_2d.parse_args(["--settings", "LS", "--seeds", str(args.seeds), "--steps", str(args.steps),
+                                      "--hidden", str(args.hidden), "--device", "cpu", "--logdir", args.logdir])
+    seeds = list(range(args.seeds))
+    started = time.time()
+    ens = train_2d.Ensemble([("LS-VAE", LearnedScalarSigma((len(seeds), 1, 1)))], seeds, train_args, "cpu")
+    _, ls_log_sigma = train_2d.train([ens], seeds, train_args, "cpu", "LS-VAE")
+    train_minutes = (time.time() - started) / 60
+
+    # --- measurements on fresh points, each with its true u ---
+    x, u = train_2d.sample_data(args.points, torch.Generator().manual_seed(2**31 - 3), "sine", return_u=True)
+    ens.model.eval(), ens.obs.eval()
+    with torch.no_grad():
+        xs = x.expand(len(seeds), -1, -1)
+        mu, log_std = ens.model.encode(xs)  # (S, N, L)
+        error = xs - ens.obs(ens.model.decode(mu), xs)[0]  # (S, N, 2), at the encoder's mean
+        kl_per_latent = 0.5 * (mu**2 + torch.exp(2 * log_std) - 1 - 2 * log_std)  # (S, N, L)
+        z = mu + torch.exp(log_std) * torch.randn(mu.shape, generator=torch.Generator().manual_seed(2**31 - 4))
+        sampled_mse = ((xs - ens.obs(ens.model.decode(z), xs)[0]) ** 2).mean(dim=(1, 2))  # (S,) per dimension
+    fractions = along_and_across(error, u)  # (S, regions, 2)
+    sigma = ens.group("LS-VAE").log_sigma.detach().reshape(len(seeds)).exp()
+    below = ls_log_sigma.exp() < args.threshold  # (steps, S)
+    rows = []
+    for i, seed in enumerate(seeds):
+        cells = [str(seed), f"{sigma[i]:.4f}",
+                 str(int(below[:, i].float().argmax()) + 1) if below[:, i].any() else f"not in {args.steps}",
+                 f"{(error[i] ** 2).mean().sqrt():.4f}", f"{sampled_mse[i].sqrt():.4f}"]
+        cells += [f"{along:.2f}, {across:.2f}" for along, across in fractions[i].tolist()]
+        cells.append(", ".join(f"{k:.2f}" for k in kl_per_latent[i].mean(0).sort(descending=True).values))
+        rows.append("| " + " | ".join(cells) + " |")
+    write_table(args, rows, train_minutes)
+
+
+def write_table(args, rows, train_minutes):
+    levels = train_2d.NOISE_LEVELS["sine"]
+    command = "python " + " ".join([os.path.relpath(os.path.abspath(sys.argv[0]))] + sys.argv[1:])
+    noise_rms = sum(s**2 for s in levels) / len(levels)
+    lines = [
+        "# LS-VAE's resting sigma on the 2-D sine, and what its reconstructions keep of the noise",
+        "",
+        f"Command: `{command}`",
+        "",
+        (f"LS-VAE alone, {args.seeds} seeds x {args.steps} steps, ResNets of 4 blocks x {args.hidden} units, "
+         f"train_2d.py's defaults otherwise. Hardware: {hardware()}. Training took {train_minutes:.1f} min. "
+         f"Measured on {args.points} fresh points."),
+        "",
+        (f"Two reference values: sqrt(E s^2) = {noise_rms**0.5:.4f}, the error per dimension of a reconstruction at "
+         f"the true u (the whole noise, in both directions), and sqrt(E s^2 / 2) = {(noise_rms / 2)**0.5:.4f}, that of "
+         "the curve's nearest point (the noise across the curve only), for a curve that is straight at the noise's "
+         "scale."),
+        "",
+        "Columns: final sigma; the first step with sigma below the threshold; the RMS reconstruction error per "
+        "dimension at the encoder's mean, and at a sampled z (the error LS-VAE's sigma fits); per noise region (s = "
+        + ", ".join(f"{s:g}" for s in levels) + " for u < -1/3, the middle third, u >= 1/3), the mean squared error "
+        "along the curve and across it at the true u, each divided by s^2; each latent's KL, nats per point.",
+        "",
+        f"| seed | final sigma | first step with sigma < {args.threshold:g} | RMS error, mean z | "
+        "RMS error, sampled z | " + " | ".join(f"s = {s:g}: along, across / s^2" for s in levels)
+        + " | KL per latent |",
+        "|" + "---|" * (6 + len(levels)),
+        *rows,
+        "",
+    ]
+    write_file_atomically(args.out, lambda f: f.write("\n".join(lines).encode()))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(parser.parse_args())

@@ -1,0 +1,51 @@
+"""bench/ls_sigma_2d.py: the split of a reconstruction's error along and across the curve, and the table it writes."""
+
+import argparse
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import train_2d
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("ls_sigma_2d", os.path.join(ROOT, "bench", "ls_sigma_2d.py"))
+ls_sigma_2d = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ls_sigma_2d)
+
+
+def points(n=30000):
+    return train_2d.sample_data(n, torch.Generator().manual_seed(0), "sine", return_u=True)
+
+
+def test_a_reconstruction_at_the_true_u_leaves_the_whole_noise_in_both_directions():
+    x, u = points()
+    fractions = ls_sigma_2d.along_and_across(x - train_2d.manifold(u), u)  # error = the noise itself
+    assert fractions.shape == (3, 2)
+    assert fractions.flatten().tolist() == pytest.approx([1.0] * 6, abs=0.06)
+
+
+def test_the_curves_nearest_point_leaves_only_the_noise_across_it():
+    x, u = points()
+    grid = train_2d.manifold(torch.linspace(-1.2, 1.2, 48001))  # nearest point by search, not by the tangent
+    nearest = torch.cat([grid[torch.cdist(part, grid).argmin(dim=1)] for part in x.split(2000)])
+    fractions = ls_sigma_2d.along_and_across(x - nearest, u)
+    along, across = fractions[:, 0].tolist(), fractions[:, 1].tolist()
+    assert along == pytest.approx([0.0] * 3, abs=0.03)
+    # across the curve: the whole noise on the nearly straight thirds; the bend pulls it a little below 1 at s = 0.1
+    assert across == pytest.approx([1.0] * 3, abs=0.06)
+    # ...and a second latent that kept half the noise across the curve would show as one half
+    half = ls_sigma_2d.along_and_across(0.5 ** 0.5 * (x - nearest), u)
+    assert half[:, 1].tolist() == pytest.approx([a / 2 for a in across], rel=1e-5)
+
+
+def test_the_script_writes_one_row_per_seed_where_it_is_told(tmp_path):
+    out = tmp_path / "table.md"
+    args = argparse.Namespace(seeds=2, steps=30, hidden=16, points=600, threshold=0.055,
+                              logdir=str(tmp_path / "runs"), out=str(out))
+    ls_sigma_2d.main(args)
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split(" | ")[0] for row in rows] == ["| 0", "| 1"]
+    assert all("not in 30" in row for row in rows)  # 30 steps leave sigma far above 0.055
+    assert "sqrt(E s^2) = 0.0648" in out.read_text() and "sqrt(E s^2 / 2) = 0.0458" in out.read_text()

@@ -39,7 +39,6 @@ exactly, and exits with 128 + signal.
 """
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -1080,9 +1079,9 @@ def main(args):
                           f"{images_per_second:,.0f} img/s", flush=True)
         position = 0
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:  # evaluation, figures, checkpoint
-            fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if world_size > 1 else \
-                contextlib.nullcontext()  # the ranks draw different evaluation noise: keep the training RNGs in step
-            with fork:
+            # Evaluation draws from the global RNGs: fork them, so that how often a run evaluates leaves its training
+            # noise as it was (tested), and under torchrun the ranks, which draw different evaluation noise, stay in step
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 if args.sigma == "optimal":
                     set_optimal_sigma(model, obs, train_pixels, args, device)
                 test = evaluate(model, obs, test_pixels, args, device, images=eval_images, bf16=args.dtype == "bf16",

@@ -560,6 +560,19 @@ def test_eval_every_evaluates_and_saves_on_its_epochs_and_the_last(tmp_path):
     assert only_checkpoint(tmp_path)["epoch"] == 3
 
 
+def test_how_often_a_run_evaluates_does_not_change_its_training(tmp_path):
+    data = write_tiny_mnist(tmp_path / "mnist", n_train=128)
+    models = []
+    for every in ["1", "2"]:
+        folder = tmp_path / f"every_{every}"
+        # sigma-VAE: its evaluation draws noise for the test ELBO and for its sigma (the training images' MSE)
+        result = run(["--epochs", "2", "--eval-every", every, "--sigma", "optimal", *tiny_flags(folder, data)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        models.append(only_checkpoint(folder)["model"])
+    for key in models[0]:
+        assert torch.equal(models[0][key], models[1][key]), key
+
+
 def test_bench_train_writes_its_table(tmp_path):
     out = tmp_path / "bench_train.md"
     result = subprocess.run([sys.executable, "bench/bench_train.py", "--device", "cpu", "--datasets", "mnist",

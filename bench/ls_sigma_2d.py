@@ -11,7 +11,7 @@ noise is isotropic: s^2 in each direction):
     normal < 1: the code also keeps some of the noise across the curve (only a second latent can).
 It also gives each latent's KL (nats per point, the larger first) and the step at which sigma first fell below 0.055.
 
-    python bench/ls_sigma_2d.py                       # 10 seeds x 20,000 steps, 64-unit nets (~3 min on 2 CPU cores)
+    python bench/ls_sigma_2d.py                       # 10 seeds x 20,000 steps, 64-unit nets (~2 min on 2 CPU cores)
     python bench/ls_sigma_2d.py --hidden 200 --seeds 4 --steps 15000
 """
 

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_2d  # noqa: E402  (its ensemble, training loop and data)
-from common import LearnedScalarSigma, hardware, write_file_atomically  # noqa: E402
+from common import LearnedScalarSigma, gaussian_kl, hardware, write_file_atomically  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--seeds", type=int, default=10, help="seeds 0 .. N-1 (default 10)")
@@ -46,9 +46,10 @@ def along_and_across(error, u, data="sine"):
     region = torch.bucketize(u, torch.tensor(train_2d.NOISE_EDGES), right=True)  # 0, 1, 2: u < -1/3, middle, rest
     parts = []
     for r, s in enumerate(train_2d.NOISE_LEVELS[data]):
-        e = error[..., region == r, :]
-        along = ((e * tangent[region == r]).sum(-1) ** 2).mean(-1)
-        across = ((e * normal[region == r]).sum(-1) ** 2).mean(-1)
+        inside = region == r
+        e = error[..., inside, :]
+        along = ((e * tangent[inside]).sum(-1) ** 2).mean(-1)
+        across = ((e * normal[inside]).sum(-1) ** 2).mean(-1)
         parts.append(torch.stack([along, across], dim=-1) / s**2)
     return torch.stack(parts, dim=-2)
 
@@ -69,7 +70,7 @@ def main(args):
         xs = x.expand(len(seeds), -1, -1)
         mu, log_std = ens.model.encode(xs)  # (S, N, L)
         error = xs - ens.obs(ens.model.decode(mu), xs)[0]  # (S, N, 2), at the encoder's mean
-        kl_per_latent = 0.5 * (mu**2 + torch.exp(2 * log_std) - 1 - 2 * log_std)  # (S, N, L)
+        kl_per_latent = gaussian_kl(mu.unsqueeze(-1), log_std.unsqueeze(-1))  # (S, N, L): each latent on its own
         z = mu + torch.exp(log_std) * torch.randn(mu.shape, generator=torch.Generator().manual_seed(2**31 - 4))
         sampled_mse = ((xs - ens.obs(ens.model.decode(z), xs)[0]) ** 2).mean(dim=(1, 2))  # (S,) per dimension
     fractions = along_and_across(error, u)  # (S, regions, 2)

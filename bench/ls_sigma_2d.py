@@ -13,6 +13,7 @@ It also gives each latent's KL (nats per point, the larger first) and the step a
 
     python bench/ls_sigma_2d.py                       # 10 seeds x 20,000 steps, 64-unit nets (~2 min on 2 CPU cores)
     python bench/ls_sigma_2d.py --hidden 200 --seeds 4 --steps 15000
+    python bench/ls_sigma_2d.py --noise 0.05 0.05 0.05 --threshold 0.04   # the same noise everywhere
 """
 
 import argparse
@@ -32,6 +33,8 @@ parser.add_argument("--steps", type=int, default=20000, help="training steps (de
 parser.add_argument("--hidden", type=int, default=64, help="units per layer (default 64; the paper's is 200)")
 parser.add_argument("--points", type=int, default=20000, help="fresh points for the measurements (default 20000)")
 parser.add_argument("--threshold", type=float, default=0.055, help="sigma between the two resting values (0.055)")
+parser.add_argument("--noise", type=float, nargs=3, default=list(train_2d.NOISE_LEVELS["sine"]), metavar="S",
+                    help="noise s of the thirds u < -1/3, the middle one, u >= 1/3 (default the sine's 0.05 0.01 0.1)")
 parser.add_argument("--logdir", default="runs", help="TensorBoard folder of the training run (default runs)")
 parser.add_argument("--out", default="results/2d/ls_sigma_states.md", help="the table (default %(default)s)")
 
@@ -55,6 +58,15 @@ def along_and_across(error, u, data="sine"):
 
 
 def main(args):
+    default = train_2d.NOISE_LEVELS["sine"]
+    train_2d.NOISE_LEVELS["sine"] = tuple(args.noise)  # read at each call: training data, measurements, this table
+    try:
+        run(args)
+    finally:
+        train_2d.NOISE_LEVELS["sine"] = default
+
+
+def run(args):
     train_args = train_2d.parse_args(["--settings", "LS", "--seeds", str(args.seeds), "--steps", str(args.steps),
                                       "--hidden", str(args.hidden), "--device", "cpu", "--logdir", args.logdir])
     seeds = list(range(args.seeds))
@@ -122,4 +134,7 @@ def write_table(args, rows, train_minutes):
 
 
 if __name__ == "__main__":
-    main(parser.parse_args())
+    cli = parser.parse_args()
+    if min(cli.noise) <= 0:
+        parser.error(f"--noise {' '.join(f'{s:g}' for s in cli.noise)}: every noise level must be > 0")
+    main(cli)

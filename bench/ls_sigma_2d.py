@@ -9,7 +9,8 @@ noise is isotropic: s^2 in each direction):
     (1, 1): the reconstruction is the curve's point at the true u (the code knows u, not the noise);
     (0, 1): the reconstruction is the nearest point of the curve (the code follows the noise along the curve);
     normal < 1: the code also keeps some of the noise across the curve (only a second latent can).
-It also gives each latent's KL (nats per point, the larger first) and the step at which sigma first fell below 0.055.
+It also gives each latent's KL (nats per point, the larger first), the step at which sigma first fell below 0.055,
+and a second table of each seed's sigma along training.
 
     python bench/ls_sigma_2d.py                       # 10 seeds x 20,000 steps, 64-unit nets (~2 min on 2 CPU cores)
     python bench/ls_sigma_2d.py --hidden 200 --seeds 4 --steps 15000
@@ -96,10 +97,14 @@ def run(args):
         cells += [f"{along:.2f}, {across:.2f}" for along, across in fractions[i].tolist()]
         cells.append(", ".join(f"{k:.2f}" for k in kl_per_latent[i].mean(0).sort(descending=True).values))
         rows.append("| " + " | ".join(cells) + " |")
-    write_table(args, rows, train_minutes)
+    checkpoints = sorted({max(1, round(args.steps * f / 20)) for f in (1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20)})
+    sigma_along = ls_log_sigma[[c - 1 for c in checkpoints]].exp()  # (checkpoints, S): used by step c
+    trajectory = [f"| {seed} | " + " | ".join(f"{v:.4f}" for v in sigma_along[:, i].tolist()) + " |"
+                  for i, seed in enumerate(seeds)]
+    write_table(args, rows, train_minutes, checkpoints, trajectory)
 
 
-def write_table(args, rows, train_minutes):
+def write_table(args, rows, train_minutes, checkpoints, trajectory):
     levels = train_2d.NOISE_LEVELS["sine"]
     command = "python " + " ".join([os.path.relpath(os.path.abspath(sys.argv[0]))] + sys.argv[1:])
     noise_rms = sum(s**2 for s in levels) / len(levels)
@@ -127,6 +132,12 @@ def write_table(args, rows, train_minutes):
         + " | KL per latent |",
         "|" + "---|" * (6 + len(levels)),
         *rows,
+        "",
+        "Each seed's sigma along training: the sigma that the loss of the step in the column's head used.",
+        "",
+        "| seed | " + " | ".join(f"{c:,}" for c in checkpoints) + " |",
+        "|" + "---|" * (1 + len(checkpoints)),
+        *trajectory,
         "",
     ]
     write_file_atomically(args.out, lambda f: f.write("\n".join(lines).encode()))

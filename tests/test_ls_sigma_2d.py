@@ -45,10 +45,18 @@ def test_the_script_writes_one_row_per_seed_where_it_is_told(tmp_path):
     args = argparse.Namespace(seeds=2, steps=30, hidden=16, points=600, threshold=0.055, noise=[0.05, 0.01, 0.1],
                               logdir=str(tmp_path / "runs"), out=str(out))
     ls_sigma_2d.main(args)
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and line[2].isdigit()]
+    states, along_training = out.read_text().split("Each seed's sigma along training")
+    rows = [line for line in states.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split(" | ")[0] for row in rows] == ["| 0", "| 1"]
     assert all("not in 30" in row for row in rows)  # 30 steps leave sigma far above 0.055
-    assert "sqrt(E s^2) = 0.0648" in out.read_text() and "sqrt(E s^2 / 2) = 0.0458" in out.read_text()
+    assert "sqrt(E s^2) = 0.0648" in states and "sqrt(E s^2 / 2) = 0.0458" in states
+    # sigma along training: steps 2, 3, 6, ..., 30 (5 % of the run, then every 10 %), moving from its start at 1
+    lines = along_training.splitlines()
+    assert "| seed | 2 | 3 | 6 | 9 | 12 | 15 | 18 | 21 | 24 | 27 | 30 |" in lines
+    for row, state in zip([line for line in lines if line.startswith("| ") and line[2].isdigit()], rows):
+        sigma = [float(v) for v in row.strip("| ").split(" | ")[1:]]
+        assert len(sigma) == 11 and 0.99 < sigma[0] < 1.01 and len(set(sigma)) > 5
+        assert sigma[-1] == pytest.approx(float(state.split(" | ")[1]), abs=2e-3)  # the last step's, before its update
 
 
 def test_the_noise_flag_changes_the_data_and_only_for_that_run(tmp_path):

@@ -53,7 +53,9 @@ def test_the_script_writes_one_row_per_seed_where_it_is_told(tmp_path):
     # sigma along training: steps 2, 3, 6, ..., 30 (5 % of the run, then every 10 %), moving from its start at 1
     lines = along_training.splitlines()
     assert "| seed | 2 | 3 | 6 | 9 | 12 | 15 | 18 | 21 | 24 | 27 | 30 |" in lines
-    for row, state in zip([line for line in lines if line.startswith("| ") and line[2].isdigit()], rows):
+    trajectory = [line for line in lines if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split(" | ")[0] for row in trajectory] == ["| 0", "| 1"]
+    for row, state in zip(trajectory, rows):
         sigma = [float(v) for v in row.strip("| ").split(" | ")[1:]]
         assert len(sigma) == 11 and 0.99 < sigma[0] < 1.01 and len(set(sigma)) > 5
         assert sigma[-1] == pytest.approx(float(state.split(" | ")[1]), abs=2e-3)  # the last step's, before its update

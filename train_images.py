@@ -23,7 +23,7 @@ One training path. The uint8 images live on the training device and each batch i
 runs the same step: --dtype bf16 runs the networks under bf16 autocast (the decoder's output layer, the NLL, the KL
 and every reduction stay fp32), --compile compiles the step (reduce-overhead: CUDA graphs; whole-step: the step
 and its Adam update as one CUDA graph), Adam is the fused kernel, and the NaN guard reads nothing back to the host
-per step. Defaults by device: bf16 and CUDA graphs on one GPU, fp32 eager on the CPU; `--dtype fp32 --compile
+per step. Defaults by device: bf16 and whole-step on one GPU, fp32 eager on the CPU; `--dtype fp32 --compile
 none` is the reference the others are tested against, and the final evaluation is always fp32 eager. Each epoch
 drops its last partial batch (MNIST: 60,000 = 468 x 128 + 96), so that every step has one shape and torch.compile
 compiles once.
@@ -145,9 +145,10 @@ parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                     help="the networks' precision in training: bf16 autocast (the output layer, NLL, KL and sums stay "
                     "fp32) or fp32; auto (default): bf16 on CUDA, fp32 on the CPU")
 parser.add_argument("--compile", choices=["auto", "none", "default", "reduce-overhead", "whole-step"], default="auto",
-                    help="torch.compile mode of the training step; auto (default): reduce-overhead (CUDA graphs) on "
-                    "one GPU, default under torchrun on GPUs, none on the CPU. whole-step (one GPU): compile default, "
-                    "and the whole step (forward, backward, NaN guard, Adam) replayed as one CUDA graph")
+                    help="torch.compile mode of the training step; auto (default): whole-step on one GPU, default "
+                    "under torchrun on GPUs, none on the CPU. whole-step (one GPU): compile default, and the whole "
+                    "step (forward, backward, NaN guard, Adam) replayed as one CUDA graph; reduce-overhead: CUDA "
+                    "graphs of the compiled forward and backward only")
 parser.add_argument("--epochs", type=int, default=10, help="passes over the training images (default 10)")
 parser.add_argument("--batch-size", type=int, default=128, help="images per step and process (default 128); under "
                     "torchrun the global batch is this x processes")
@@ -331,11 +332,13 @@ def likelihood(args, device=None, compiled=False):
 
 
 def resolve_defaults(args, device, world_size):
-    """--dtype auto and --compile auto by device: bf16 and CUDA graphs on one GPU; fp32 eager on the CPU."""
+    """--dtype auto and --compile auto by device: bf16 and the whole step as one CUDA graph on one GPU (decided by
+    bench/NOTES.md's rule: on an H200, 2.5x reduce-overhead's images/s on MNIST and 1.45x on CelebA,
+    results/bench_train.md); fp32 eager on the CPU."""
     if args.dtype == "auto":
         args.dtype = "bf16" if device.type == "cuda" else "fp32"
     if args.compile == "auto":
-        args.compile = "none" if device.type != "cuda" else "reduce-overhead" if world_size == 1 else "default"
+        args.compile = "none" if device.type != "cuda" else "whole-step" if world_size == 1 else "default"
     if args.compile == "whole-step" and world_size > 1:
         raise SystemExit("error: --compile whole-step records one process's step; under torchrun use --compile "
                          "default or reduce-overhead")

@@ -472,6 +472,19 @@ def test_resume_places_adam_state_for_this_run(tmp_path):
     assert not any(group["capturable"] for group in optimizer.param_groups)
 
 
+def test_auto_defaults_by_device_and_processes():
+    # bench/NOTES.md's rule, applied to results/bench_train.md of 2026-11-28: whole-step on one GPU (2.5x and 1.45x
+    # reduce-overhead's images/s on MNIST and CelebA); compile default under torchrun; fp32 eager on the CPU. Only
+    # the device's type is read: no GPU needed. What is given explicitly stays.
+    cases = [("cuda", 1, [], ("bf16", "whole-step")), ("cuda", 2, [], ("bf16", "default")),
+             ("cpu", 1, [], ("fp32", "none")), ("cuda", 1, ["--compile", "reduce-overhead"], ("bf16", "reduce-overhead")),
+             ("cuda", 1, ["--dtype", "fp32"], ("fp32", "whole-step"))]
+    for device, world_size, flags, expected in cases:
+        args = train_images.parse_args(flags)
+        train_images.resolve_defaults(args, torch.device(device), world_size)
+        assert (args.dtype, args.compile) == expected, (device, world_size, flags)
+
+
 def test_nll_kernel_auto_leaves_a_compiled_step_to_inductor_and_fuses_an_eager_one():
     # On CUDA (decided from results/bench_train_ablations.md): PyTorch's NLL inside a compiled step, which Inductor
     # fuses with its neighbours, the Triton kernel in an eager step and in evaluation; on the CPU PyTorch always.

@@ -70,8 +70,12 @@ TRITON_AVAILABLE = triton is not None
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # dtypes the kernels take; fp32 accumulation
-MAX_BLOCK_SIZE = 2048  # elements of one row per program; a row longer than this is split into chunks (not tuned)
-NUM_WARPS = None  # warps per program; None: 4 up to 1,024 elements, else 8. bench/bench_nll.py --sweep varies both
+# Launch configuration, set by bench/bench_nll.py --sweep at the CelebA shape on an H200 (results/bench_nll.md,
+# 2026-11-28) under bench/NOTES.md's rule: the best fp32 configuration, 8,192 elements with 16 warps (0.390 ms
+# forward + backward at N = 4,096), beat the old 2,048 with 8 (0.398 and 0.398 timed twice) by more than the spread.
+# bf16 there: 0.210 against 0.205 ms, 3% slower. MNIST's rows (784 elements) keep 1,024 with 4 warps, not swept.
+MAX_BLOCK_SIZE = 8192  # elements of one row per program; a row longer than this is split into chunks
+NUM_WARPS = None  # warps per program; None: 4 up to 1,024 elements, 8 up to 4,096, else 16
 
 
 # --- reference ---
@@ -195,7 +199,7 @@ def _launch_config(row_size):
     """Block size (the next power of two of D, at most MAX_BLOCK_SIZE), chunks per row and warps."""
     # Plain integer arithmetic: triton.next_power_of_2 and triton.cdiv are @jit functions, ~10 us a call from Python.
     block_size = min(MAX_BLOCK_SIZE, 1 << max(row_size - 1, 0).bit_length())
-    num_warps = NUM_WARPS or (4 if block_size <= 1024 else 8)
+    num_warps = NUM_WARPS or (4 if block_size <= 1024 else 8 if block_size <= 4096 else 16)
     return block_size, -(-row_size // block_size), num_warps
 
 

@@ -380,7 +380,7 @@ def test_bench_nll_sweep_runs_every_launch_configuration_and_writes_after_each(m
     names["sweep"](["# the main table"])
     default = (nll_module.MAX_BLOCK_SIZE, nll_module.NUM_WARPS)
     assert len(configurations) == len(written) == 2 * 13 and len(set(configurations)) == 12
-    assert configurations[12] == (2048, 8) and default == (2048, None)  # the default again, last; then restored
+    assert configurations[12] == (8192, 16) and default == (8192, None)  # the default again, last; then restored
     rows = [line for line in written[-1] if line.startswith(("| fp32 ", "| bf16 "))]
     assert len(rows) == 26 and written[-1][0] == "# the main table"
     assert sum("(default)" in row for row in rows) == 2 and sum("(default, again)" in row for row in rows) == 2
@@ -415,7 +415,7 @@ def test_bench_nll_runs_end_to_end_and_rewrites_its_file_after_every_row(tmp_pat
     table = out.read_text()
     assert "| mnist | 2 | fp32 | eager | 1.0000 |" in table and "| mnist | 2 | fp32 | triton | 1.0000 |" in table
     assert "CUDA graph capture failed once: RuntimeError: no CUDA streams on this CPU" in table
-    assert table.count("\n| fp32 | ") == 13 and "| fp32 | 2048 | 8 (default, again) |" in table
+    assert table.count("\n| fp32 | ") == 13 and "| fp32 | 8192 | 16 (default, again) |" in table
     # Written after each of the 2 rows, after the table, and after each of the 13 configurations of the sweep.
     assert result.stdout.count(f"wrote {out}") == 2 + 1 + 13
 

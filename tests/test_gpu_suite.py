@@ -177,6 +177,11 @@ def test_unknown_stage_and_spent_budget(tmp_path):
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         ("gpu_suite.sh: no Table 2 row 'lv'; rows: fixed learned-scalar learned warmstart warmstart-optimal optimal "
          "discretized")]
+    # A row that would start with less of the budget than MNIST_MIN_BOX waits, and so does every row after it.
+    result = suite(tmp_path, tmp_path, "mnist", MNIST_ROW="fixed learned", MNIST_MIN_BOX="100000")
+    assert result.returncode == 0, result.stdout
+    assert re.search(r"^=== mnist_fixed: skipped, \d+ s left, below MNIST_MIN_BOX=100000$", result.stdout, re.M)
+    assert "mnist_fixed=skipped mnist_learned=skipped" in result.stdout, result.stdout
     # 30 s leave 5 s after the 25 s kept for packing: every stage is skipped, which is no failure.
     result = suite(tmp_path, tmp_path, "env", "nll", BUDGET="30")
     assert result.returncode == 0, result.stdout

@@ -24,8 +24,9 @@
 # data/mnist), MNIST_ROW (one or more of fixed, learned-scalar, learned, warmstart, warmstart-optimal, optimal,
 # discretized), MNIST_EPOCHS (default 1000), MNIST_FLAGS (more flags for train_images.py, e.g. --eval-every 50),
 # MNIST_MIN_BOX (s; default 0: a row starts only with at least this much of the budget left, for when a stopped row's
-# checkpoint could not be carried), CKPT_DIR (default ckpt), CELEBA_DIR (default data/celeba), CELEBA_ROWS,
-# CELEBA_EPOCHS. Relative paths are relative to the repository root.
+# checkpoint could not be carried), CKPT_DIR (default ckpt), CELEBA_DIR (default data/celeba), CELEBA_PARTS (folders
+# that together hold CelebA's images and partition file, carried one a call; joined instead of CELEBA_DIR),
+# CELEBA_ROWS, CELEBA_EPOCHS. Relative paths are relative to the repository root.
 set -u
 cd "$(dirname "$0")/.." || exit
 STAGES=(env nll train tests 2d celeba mnist)
@@ -219,7 +220,19 @@ want train && stage train 200 "$PY" bench/bench_train.py "${TRAIN[@]}" --device 
 # --- concurrently: no timings are taken from here on ---
 background=() names=""
 if want 2d; then two_d & background+=($!) names+=" 2d"; fi
-if want celeba && has_data celeba "$CELEBA_DIR" "$CELEBA_DIR/img_align_celeba" "$CELEBA_DIR/list_eval_partition.txt"
+if want celeba && [ -n "${CELEBA_PARTS:-}" ]; then  # carried in parts, one a call (README): joined by links
+  CELEBA_DIR=$SCRATCH/celeba_joined
+  rm -rf "$CELEBA_DIR"; mkdir -p "$CELEBA_DIR/img_align_celeba"
+  for part in $CELEBA_PARTS; do
+    has_data celeba "$part" "$part/img_align_celeba" || { CELEBA_DIR=""; break; }
+    find "$(realpath "$part")/img_align_celeba" -name '*.jpg' -exec ln -s -t "$CELEBA_DIR/img_align_celeba" {} +
+    [ -f "$part/list_eval_partition.txt" ] && ln -s "$(realpath "$part")/list_eval_partition.txt" "$CELEBA_DIR/"
+  done
+  [ -n "$CELEBA_DIR" ] && echo "=== celeba: joined $CELEBA_PARTS: $(find "$CELEBA_DIR/img_align_celeba" -name '*.jpg' \
+    | wc -l) images" | tee -a "$LOG"
+fi
+if want celeba && [ -n "$CELEBA_DIR" ] &&
+   has_data celeba "$CELEBA_DIR" "$CELEBA_DIR/img_align_celeba" "$CELEBA_DIR/list_eval_partition.txt"
 then celeba & background+=($!) names+=" celeba"; fi
 [ -n "$names" ] && echo "=== in the background:$names; their logs follow the others" | tee -a "$LOG"
 if want tests; then

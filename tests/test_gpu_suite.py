@@ -147,6 +147,30 @@ def test_celeba_rows_train_side_by_side_and_record_table_2(tmp_path):
     assert sorted(path.name for path in data.iterdir()) == ["img_align_celeba", "list_eval_partition.txt"]  # as carried
 
 
+def test_celeba_carried_in_parts_is_joined_and_a_missing_part_fails_with_one_line(tmp_path):
+    # The device tool's 64 MiB do not hold the offline CelebA folder beside the tracked files: it travels in two
+    # parts, one a call, and the suite joins them (links) before training.
+    whole = tmp_path / "celeba"
+    tiny_celeba(whole, splits=(0,) * 32 + (2,) * 4)
+    names = sorted(path.name for path in (whole / "img_align_celeba").iterdir())
+    for part, chosen in [("celeba_a", names[:18]), ("celeba_b", names[18:])]:
+        (tmp_path / part / "img_align_celeba").mkdir(parents=True)
+        for name in chosen:
+            (tmp_path / part / "img_align_celeba" / name).write_bytes((whole / "img_align_celeba" / name).read_bytes())
+    (tmp_path / "celeba_b" / "list_eval_partition.txt").write_bytes((whole / "list_eval_partition.txt").read_bytes())
+    parts = f"{tmp_path / 'celeba_a'} {tmp_path / 'celeba_b'}"
+    result = suite(tmp_path, tmp_path, "celeba", CELEBA_PARTS=parts, CELEBA_ROWS="fixed")
+    log = (tmp_path / "out" / "suite.log").read_text()
+    assert result.returncode == 0 and exits(log) == {"celeba-fixed": 0}, log[-3000:]
+    assert re.search(r"^=== celeba: joined .*celeba_a .*celeba_b: 36 images$", log, re.M), log
+    assert "found 32 train, 0 valid, 4 test images" in log, log[-3000:]
+    result = suite(tmp_path, tmp_path, "celeba", CELEBA_PARTS=f"{tmp_path / 'gone'} {tmp_path / 'celeba_b'}",
+                   CELEBA_ROWS="fixed")
+    assert result.returncode == 1 and "celeba=no-data" in result.stdout, result.stdout
+    assert re.search(r"^=== celeba: error: no .*gone/img_align_celeba; carry .*gone to the device", result.stdout,
+                     re.M), result.stdout
+
+
 def test_mnist_rows_that_finish_run_one_after_the_other(tmp_path):
     mnist = write_tiny_mnist(tmp_path / "mnist")
     result = suite(tmp_path, mnist, "mnist", MNIST_ROW="fixed warmstart-optimal", MNIST_EPOCHS="1")

@@ -500,12 +500,16 @@ def test_nll_kernel_auto_leaves_a_compiled_step_to_inductor_and_fuses_an_eager_o
     assert train_images.likelihood(args, cuda, compiled=False) is gaussian_nll
 
 
-def test_whole_step_graph_trains_exactly_as_eager_steps(monkeypatch):
-    # --compile whole-step on the CPU: common.CUDAGraphStep with its CUDA calls replaced by what they do
-    # (ReplayedOnCPU), around train_step with its NaN guard and Adam. Six steps (three warm-up, record, replays) on
-    # new batches: the same losses, weights and guard as six eager steps, with the loop's use of the returned terms.
+@pytest.mark.parametrize("flags", [["--sigma", "learned", "--lv-warmup", "4"],
+                                   ["--sigma", "learned", "--lv-warmup", "4", "--lv-warmup-sigma", "optimal"],
+                                   ["--sigma", "optimal"]], ids=["warmstart", "warmstart-optimal", "optimal"])
+def test_whole_step_graph_trains_exactly_as_eager_steps(monkeypatch, flags):
+    # --compile whole-step (the GPU default) on the CPU: common.CUDAGraphStep with its CUDA calls replaced by what they
+    # do (ReplayedOnCPU), around train_step with its NaN guard and Adam. Six steps (three warm-up, record, replays) on
+    # new batches: the same losses, weights and guard as six eager steps, with the loop's use of the returned terms;
+    # the warm starts hand over between steps 4 and 5 (sigma-VAE's by setting its running MSE in place).
     monkeypatch.setattr(train_images, "CUDAGraphStep", ReplayedOnCPU)
-    args = train_images.parse_args(["--sigma", "learned", "--lv-warmup", "4", "--device", "cpu"])
+    args = train_images.parse_args([*flags, "--device", "cpu"])
     train_images.resolve_defaults(args, torch.device("cpu"), 1)
     generator = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8, generator=generator),
@@ -520,9 +524,10 @@ def test_whole_step_graph_trains_exactly_as_eager_steps(monkeypatch):
             terms = step_fn(step_module, optimizer, guard, pixels, eps, False)
             meter += terms  # as main() does, at once
             losses.append(terms[0].item())
-            if step == args.lv_warmup:
-                train_images.hand_over(args, model, obs, optimizer, None, torch.device("cpu"))  # as main() does
-        results.append((losses, meter, [p.detach().clone() for p in model.parameters()], guard.step.item()))
+            if step == args.lv_warmup:  # as main() does
+                train_images.hand_over(args, model, obs, optimizer, batches[0][0], torch.device("cpu"))
+        results.append((losses, meter, [p.detach().clone() for p in [*model.parameters(), *obs.buffers()]],
+                        guard.step.item()))  # obs's buffers: sigma-VAE's running MSE, the warm start's flag
     (eager_losses, eager_meter, eager_weights, eager_steps), (losses, meter, weights, steps) = results
     assert losses == eager_losses and torch.equal(meter, eager_meter) and steps == eager_steps == 6
     assert len(set(losses)) == 6 and all(torch.equal(a, b) for a, b in zip(weights, eager_weights))

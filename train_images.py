@@ -668,6 +668,15 @@ def run_seed(run):
     return int(found.group(1)) if found else None
 
 
+def run_batch(run):
+    """A recorded run's global batch, images a step over all processes; for runs recorded before it was, read from its
+    command (--batch-size, default 128, which it has always been) and its process count."""
+    if "batch_size" in run:
+        return run["batch_size"]
+    found = re.search(r"--batch-size[ =](\d+)", run["command"])
+    return (int(found.group(1)) if found else 128) * run.get("processes", 1)
+
+
 def train_gap(run):
     """A recorded run's one-sample ELBO on training images minus its test ELBO, nats/image (None if not measured)."""
     return run["final_train"]["nats_per_image"] - run["final"]["nats_per_image"] if "final_train" in run else None
@@ -718,8 +727,8 @@ def over_seeds(runs):
         spread = lambda v: "n/a" if None in v else \
             f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f} [{min(v):.3f}, {max(v):.3f}]"
         run = seeded[0]
-        lines.append(f"| {run['dataset']} | {setting_name(run)} "
-                     f"| {run['likelihood']} | {run['epochs']} | {', '.join(str(run_seed(r)) for r in seeded)} | "
+        lines.append(f"| {run['dataset']} | {setting_name(run)} | {run['likelihood']} | {run['epochs']} "
+                     f"| {run_batch(run)} | {', '.join(str(run_seed(r)) for r in seeded)} | "
                      + " | ".join(spread(v) for v in values.values()) + f" | `{command}` |")
     if not lines:
         return []
@@ -731,10 +740,10 @@ def over_seeds(runs):
          "standard deviation over the seeds [min, max]. A difference between two settings is a finding only where it "
          "stands out of this spread. Units as above; ELBO in nats per image, higher is better."),
         "",
-        ("| dataset | setting | likelihood | epochs | seeds | ELBO, Table-2 bits/pixel | IWAE-k, Table-2 bits/pixel "
+        ("| dataset | setting | likelihood | epochs | batch | seeds | ELBO, Table-2 bits/pixel | IWAE-k, Table-2 bits/pixel "
          "| ELBO, 8-bit bits/dim | IWAE-k, 8-bit bits/dim | ELBO, nats/image | reconstruction PSNR, dB "
          "| gap, nats/image | command, without --seed |"),
-        "|" + "---|" * 13,
+        "|" + "---|" * 14,
         *lines,
     ]
 
@@ -754,7 +763,8 @@ def write_table2(out):
         "per test image; IWAE-k: importance-weighted bound on the first test images. Learned log sigma has the soft "
         "floor sigma >= 0.0025 (log sigma >= -6): continuous per-pixel figures measure how far sigma fell to it. "
         "sigma-VAE is evaluated with sigma^2 = its final model's mean squared error on the training images (runs "
-        "recorded before 2026-11-27 used a running average of the batch MSE, which lags the model). Wall time: the "
+        "recorded before 2026-11-27 used a running average of the batch MSE, which lags the model). Batch: images a "
+        "step over all processes (the CPU rows' 128; on a GPU Table 2's MNIST rows use 512). Wall time: the "
         "whole run, final evaluation included (training alone in brackets, where recorded). Gap: the same one-sample "
         "ELBO on as many training images as test images, minus the test ELBO: how much better the model fits the "
         "images it trained on (n/a: recorded before the gap was measured). Reconstruction PSNR: of the means of "
@@ -775,12 +785,12 @@ def write_table2(out):
         "log 2pi' adds 0.5 log2(2 pi) = 1.326 bits to our Table-2 figure to show that convention, the closest to the "
         "paper's. It caps sigma^2 = 1/2 at +0.5 bits/pixel.",
         "",
-        "| dataset | setting | likelihood | seed | epochs | train images | ELBO, Table-2 bits/pixel | IWAE-k, Table-2 "
+        "| dataset | setting | likelihood | seed | epochs | train images | batch | ELBO, Table-2 bits/pixel | IWAE-k, Table-2 "
         "bits/pixel | ELBO, Table-2 bits/pixel, no 0.5 log 2pi | ELBO, 8-bit bits/dim | IWAE-k, 8-bit bits/dim "
         "| gap: ELBO on training images - test ELBO, nats/image | k, images | final sigma | reconstruction PSNR, dB "
         "| sigma on edges / elsewhere | wall time | hardware | the paper's Table 2 value (paper's number) | figures "
         "| command |",
-        "|" + "---|" * 21,
+        "|" + "---|" * 22,
     ]
     for run in runs:
         final, iwae = run["final"], run["iwae"]
@@ -790,7 +800,7 @@ def write_table2(out):
         wall = f"{run['wall_minutes']:.1f} min" + (f" ({run['train_minutes']:.1f})" if "train_minutes" in run else "")
         lines.append(
             f"| {run['dataset']} | {setting} | {run['likelihood']} | {run_seed(run)} "
-            f"| {run['epochs']} | {run['train_images']} | {fmt(final['table2_bits_per_pixel'])} "
+            f"| {run['epochs']} | {run['train_images']} | {run_batch(run)} | {fmt(final['table2_bits_per_pixel'])} "
             f"| {fmt(iwae['table2_bits_per_pixel'])} | {fmt(without_2pi)} | {fmt(final['bits_per_dim_8bit'])} "
             f"| {fmt(iwae['bits_per_dim_8bit'])} | {fmt(train_gap(run))} | {run['iwae_k']}, {run['iwae_images']} "
             f"| {run['sigma_summary']} | {fmt(run.get('psnr_db'))} | {fmt(run.get('edge_sigma_ratio'))} "
@@ -1118,6 +1128,7 @@ def main(args):
         writer.close()
         record = dict(train_images=len(train_pixels), iwae_images=iwae_images, train_minutes=train_seconds / 60,
                       wall_minutes=(seconds_before + time.time() - started) / 60, processes=world_size,
+                      batch_size=args.batch_size * world_size,
                       hardware=hardware(device) if world_size == 1 else f"{world_size} x {hardware(device)}",
                       command=command, run_dir=inside_repository(run_dir), final_train=seen)
         record_run(args, model, obs, test_pixels, final, iwae, record, args.out or run_dir, device)

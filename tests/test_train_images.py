@@ -161,6 +161,15 @@ def test_reconstruction_measures_on_hand_made_images():
     assert psnr_db == pytest.approx(-10 * math.log10(0.01 * 48 / 64))
 
 
+def test_table_2_gives_each_run_its_global_batch():
+    # Recorded since 2026-11-28; before, read from the command (the default, 128, never changed) and the processes.
+    command = "python train_images.py --dataset mnist"
+    assert train_images.run_batch({"command": command}) == 128
+    assert train_images.run_batch({"command": command + " --batch-size 512"}) == 512
+    assert train_images.run_batch({"command": "torchrun " + command + " --batch-size=64", "processes": 2}) == 128
+    assert train_images.run_batch({"command": command, "batch_size": 1024}) == 1024
+
+
 @pytest.mark.skipif(train_images.fcntl is None, reason="file locks are POSIX")
 def test_runs_that_finish_together_take_turns_at_table_2(tmp_path):
     """A run holding runs.jsonl's lock (another Table 2 row finishing) makes the next wait, so that the table
@@ -203,8 +212,8 @@ def test_table_2_gathers_the_seeds_of_a_row(tmp_path):
     _, _, seeds = table.partition("## Over seeds")
     (row,) = [line for line in seeds.splitlines() if line.startswith("| ")][1:]  # below the header
     cells = row.split(" | ")
-    assert cells[4] == "0, 1, 2" and f"`{command}`" in row and "--lr 1e-4" not in seeds
-    assert cells[9] == "-102.000 ± 2.000 [-104.000, -100.000]"  # nats/image of seeds 0, 1 (its last run), 2
+    assert cells[4] == "128" and cells[5] == "0, 1, 2" and f"`{command}`" in row and "--lr 1e-4" not in seeds
+    assert cells[10] == "-102.000 ± 2.000 [-104.000, -100.000]"  # nats/image of seeds 0, 1 (its last run), 2
     assert f"| {template['likelihood']} | 5 |" in table and f"| {template['likelihood']} | 0 |" in table
     # The figures cell: n/a while a run's figures are not beside the table, their name once they are.
     assert table.partition("## Over seeds")[0].count(f"| n/a | `{command}") == 5
@@ -637,6 +646,8 @@ def test_a_run_writes_into_its_own_folder_and_records_a_relative_command(short_r
     assert {"table2.md", "runs.jsonl", "mnist_learned_continuous_2ep_generations.png"} <= set(os.listdir(run_dir))
     (record,) = [json.loads(line) for line in (run_dir / "runs.jsonl").read_text().splitlines()]
     assert record["command"].startswith("python train_images.py --epochs 2 ")
+    assert record["batch_size"] == 64 and f"| 2 | {record['train_images']} | 64 |" in \
+        (run_dir / "table2.md").read_text()  # epochs, train images, batch
     # The generalisation gap: the same one-sample ELBO on 32 training images, minus the test ELBO.
     gap = record["final_train"]["nats_per_image"] - record["final"]["nats_per_image"]
     assert math.isfinite(gap) and f"| {gap:.3f} | 50, 32 |" in (run_dir / "table2.md").read_text()

@@ -40,14 +40,24 @@ parser.add_argument("--logdir", default="runs", help="TensorBoard folder of the 
 parser.add_argument("--out", default="results/2d/ls_sigma_states.md", help="the table (default %(default)s)")
 
 
+def frame(u, data="sine"):
+    """The curve's unit tangent and normal at u, by central differences in float64: (N,) -> two (N, 2)."""
+    h = 1e-4
+    tangent = train_2d.manifold(u.double() + h, data) - train_2d.manifold(u.double() - h, data)
+    tangent = (tangent / tangent.norm(dim=-1, keepdim=True)).float()
+    return tangent, torch.stack([-tangent[:, 1], tangent[:, 0]], dim=-1)
+
+
+def regions(u):
+    """Each point's noise region: 0, 1, 2 for u < -1/3, the middle third, the rest."""
+    return torch.bucketize(u, torch.tensor(train_2d.NOISE_EDGES), right=True)
+
+
 def along_and_across(error, u, data="sine"):
     """Mean squared error along the curve and across it at each point's true u, per noise region, each divided by
     the region's s^2. error: (..., N, 2), u: (N,) -> (..., regions, 2)."""
-    h = 1e-4  # the curve's unit tangent and normal at u, by central differences in float64
-    tangent = train_2d.manifold(u.double() + h, data) - train_2d.manifold(u.double() - h, data)
-    tangent = (tangent / tangent.norm(dim=-1, keepdim=True)).float()
-    normal = torch.stack([-tangent[:, 1], tangent[:, 0]], dim=-1)
-    region = torch.bucketize(u, torch.tensor(train_2d.NOISE_EDGES), right=True)  # 0, 1, 2: u < -1/3, middle, rest
+    tangent, normal = frame(u, data)
+    region = regions(u)
     parts = []
     for r, s in enumerate(train_2d.NOISE_LEVELS[data]):
         inside = region == r
@@ -56,6 +66,31 @@ def along_and_across(error, u, data="sine"):
         across = ((e * normal[inside]).sum(-1) ** 2).mean(-1)
         parts.append(torch.stack([along, across], dim=-1) / s**2)
     return torch.stack(parts, dim=-2)
+
+
+def correlation(a, b):
+    """Pearson's correlation along the last dimension."""
+    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-12)
+
+
+def what_a_latent_encodes(latent_mean, moved, x, u, data="sine"):
+    """For one latent per seed: per noise region, the correlation of its posterior mean with the noise across the
+    curve and along it (x - c(u) on the normal and tangent at the true u), and the RMS displacement of the
+    reconstruction across and along the curve per posterior standard deviation of that latent, in units of s; and
+    its correlation with u over all points. latent_mean: (S, N), moved: (S, N, 2) -> (S, regions, 4), (S,)."""
+    tangent, normal = frame(u, data)
+    noise = x - train_2d.manifold(u, data)
+    across, along = (noise * normal).sum(-1), (noise * tangent).sum(-1)
+    region, parts = regions(u), []
+    for r, s in enumerate(train_2d.NOISE_LEVELS[data]):
+        inside = region == r
+        m = moved[:, inside]
+        parts.append(torch.stack([correlation(latent_mean[:, inside], across[inside]),
+                                  correlation(latent_mean[:, inside], along[inside]),
+                                  ((m * normal[inside]).sum(-1) ** 2).mean(-1).sqrt() / s,
+                                  ((m * tangent[inside]).sum(-1) ** 2).mean(-1).sqrt() / s], dim=-1))
+    return torch.stack(parts, dim=-2), correlation(latent_mean, u.expand_as(latent_mean))
 
 
 def main(args):
@@ -86,6 +121,12 @@ def run(args):
         kl_per_latent = gaussian_kl(mu.unsqueeze(-1), log_std.unsqueeze(-1))  # (S, N, L): each latent on its own
         z = mu + torch.exp(log_std) * torch.randn(mu.shape, generator=torch.Generator().manual_seed(2**31 - 4))
         sampled_mse = ((xs - ens.obs(ens.model.decode(z), xs)[0]) ** 2).mean(dim=(1, 2))  # (S,) per dimension
+        # The second latent by KL: its posterior mean, and the reconstruction's move per posterior std of it.
+        second = kl_per_latent.mean(1).argsort(dim=-1, descending=True)[:, 1].view(-1, 1, 1)  # (S, 1, 1)
+        pick = lambda t: t.gather(-1, second.expand(-1, t.shape[1], 1)).squeeze(-1)  # (S, N, L) -> (S, N)
+        h = torch.zeros_like(mu[:, :1]).scatter_(-1, second, 1e-3)
+        moved = (ens.obs(ens.model.decode(mu + h), xs)[0] - ens.obs(ens.model.decode(mu - h), xs)[0]) / 2e-3
+        encodes, with_u = what_a_latent_encodes(pick(mu), moved * pick(log_std).exp().unsqueeze(-1), x, u)
     fractions = along_and_across(error, u)  # (S, regions, 2)
     sigma = ens.group("LS-VAE").log_sigma.detach().reshape(len(seeds)).exp()
     below = ls_log_sigma.exp() < args.threshold  # (steps, S)
@@ -101,10 +142,13 @@ def run(args):
     sigma_along = ls_log_sigma[[c - 1 for c in checkpoints]].exp()  # (checkpoints, S): used by step c
     trajectory = [f"| {seed} | " + " | ".join(f"{v:.4f}" for v in sigma_along[:, i].tolist()) + " |"
                   for i, seed in enumerate(seeds)]
-    write_table(args, rows, train_minutes, checkpoints, trajectory)
+    second_rows = [f"| {seed} | {with_u[i]:.2f} | " + " | ".join(
+        f"{c_across:+.2f}, {c_along:+.2f}; {m_across:.2f}, {m_along:.2f}"
+        for c_across, c_along, m_across, m_along in encodes[i].tolist()) + " |" for i, seed in enumerate(seeds)]
+    write_table(args, rows, train_minutes, checkpoints, trajectory, second_rows)
 
 
-def write_table(args, rows, train_minutes, checkpoints, trajectory):
+def write_table(args, rows, train_minutes, checkpoints, trajectory, second_rows):
     levels = train_2d.NOISE_LEVELS["sine"]
     command = "python " + " ".join([os.path.relpath(os.path.abspath(sys.argv[0]))] + sys.argv[1:])
     noise_rms = sum(s**2 for s in levels) / len(levels)
@@ -138,6 +182,18 @@ def write_table(args, rows, train_minutes, checkpoints, trajectory):
         "| seed | " + " | ".join(f"{c:,}" for c in checkpoints) + " |",
         "|" + "---|" * (1 + len(checkpoints)),
         *trajectory,
+        "",
+        ("What each seed's second latent (by KL) encodes, on the same points: its posterior mean's correlation with u, "
+         "and per noise region its correlation with the noise across the curve and along it (x - c(u) on the normal "
+         "and the tangent at the true u), then how far one posterior standard deviation of it moves the "
+         "reconstruction across and along the curve (RMS, in units of the region's s; from the encoder's mean, by "
+         "central differences). A latent that codes the noise across the curve: correlation near +-1 across and a "
+         "move across near s."),
+        "",
+        "| seed | correlation with u | " + " | ".join(f"s = {s:g}: with noise across, along; moves across, along / s"
+                                                    for s in levels) + " |",
+        "|" + "---|" * (2 + len(levels)),
+        *second_rows,
         "",
     ]
     write_file_atomically(args.out, lambda f: f.write("\n".join(lines).encode()))

@@ -46,6 +46,7 @@ def test_the_script_writes_one_row_per_seed_where_it_is_told(tmp_path):
                               logdir=str(tmp_path / "runs"), out=str(out))
     ls_sigma_2d.main(args)
     states, along_training = out.read_text().split("Each seed's sigma along training")
+    along_training, encodes = along_training.split("What each seed's second latent (by KL) encodes")
     rows = [line for line in states.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split(" | ")[0] for row in rows] == ["| 0", "| 1"]
     assert all("not in 30" in row for row in rows)  # 30 steps leave sigma far above 0.055
@@ -59,6 +60,10 @@ def test_the_script_writes_one_row_per_seed_where_it_is_told(tmp_path):
         sigma = [float(v) for v in row.strip("| ").split(" | ")[1:]]
         assert len(sigma) == 11 and 0.99 < sigma[0] < 1.01 and len(set(sigma)) > 5
         assert sigma[-1] == pytest.approx(float(state.split(" | ")[1]), abs=2e-3)  # the last step's, before its update
+    # the second latent: one row per seed, a correlation with u and four figures per region
+    encoding = [line for line in encodes.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split(" | ")[0] for row in encoding] == ["| 0", "| 1"]
+    assert all(-1 <= float(row.split(" | ")[1]) <= 1 and row.count(";") == 3 for row in encoding)
 
 
 def test_the_noise_flag_changes_the_data_and_only_for_that_run(tmp_path):
@@ -69,3 +74,21 @@ def test_the_noise_flag_changes_the_data_and_only_for_that_run(tmp_path):
     text = out.read_text()
     assert "sqrt(E s^2) = 0.0500" in text and "s = 0.05: along, across / s^2 | " * 3 in text
     assert train_2d.NOISE_LEVELS["sine"] == (0.05, 0.01, 0.1)  # restored for whatever runs next
+
+
+def test_a_latent_that_codes_the_noise_across_the_curve_reads_as_such():
+    # Seed 0's latent is the noise across the curve, and one posterior std of it moves the reconstruction by s across;
+    # seed 1's is u, and moves it by 2 s along. The correlations and moves must say so, region by region.
+    x, u = points()
+    tangent, normal = ls_sigma_2d.frame(u)
+    noise = x - train_2d.manifold(u)
+    s = train_2d.noise_level(u, "sine")[:, None]
+    latent_mean = torch.stack([(noise * normal).sum(-1), u])
+    moved = torch.stack([normal * s, 2 * tangent * s])
+    encodes, with_u = ls_sigma_2d.what_a_latent_encodes(latent_mean, moved, x, u)
+    assert encodes.shape == (2, 3, 4)
+    assert encodes[0, :, 0].tolist() == pytest.approx([1.0] * 3, abs=1e-5)  # with the noise across
+    assert encodes[0, :, 1].abs().max() < 0.03
+    assert encodes[0, :, 2:].flatten().tolist() == pytest.approx([1.0, 0.0] * 3, abs=1e-5)  # moves across, not along
+    assert encodes[1, :, 3].tolist() == pytest.approx([2.0] * 3, abs=1e-5) and encodes[1, :, 2].abs().max() < 1e-5
+    assert with_u[1].item() == pytest.approx(1.0, abs=1e-5) and abs(with_u[0].item()) < 0.03

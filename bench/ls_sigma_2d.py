@@ -68,6 +68,21 @@ def along_and_across(error, u, data="sine"):
     return torch.stack(parts, dim=-2)
 
 
+SWEEP = (0.5, 1, 2)  # posterior standard deviations of the second latent, for the decoder's sweep along it
+
+
+def sweep_across(decode_mean, mu, std, latent, normal):
+    """The reconstruction's RMS move across the curve from the encoder's mean to t posterior standard deviations of
+    one latent either side, for each t in SWEEP. decode_mean: z (S, N, L) -> (S, N, 2); mu: (S, N, L); std: (S, N),
+    that latent's; latent: (S, 1, 1), its index per seed; normal: (N, 2) -> (len(SWEEP), S)."""
+    at_mean, moves = decode_mean(mu), []
+    for t in SWEEP:
+        step = torch.zeros_like(mu).scatter_(-1, latent.expand(-1, mu.shape[1], 1), t * std.unsqueeze(-1))
+        across = [((decode_mean(mu + sign * step) - at_mean) * normal).sum(-1) for sign in (1, -1)]
+        moves.append(((across[0] ** 2 + across[1] ** 2) / 2).mean(-1).sqrt())
+    return torch.stack(moves)
+
+
 def correlation(a, b):
     """Pearson's correlation along the last dimension."""
     a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
@@ -127,6 +142,12 @@ def run(args):
         h = torch.zeros_like(mu[:, :1]).scatter_(-1, second, 1e-3)
         moved = (ens.obs(ens.model.decode(mu + h), xs)[0] - ens.obs(ens.model.decode(mu - h), xs)[0]) / 2e-3
         encodes, with_u = what_a_latent_encodes(pick(mu), moved * pick(log_std).exp().unsqueeze(-1), x, u)
+        # The decoder along that latent in the noisiest third: the reconstruction's RMS move across the curve from the
+        # encoder's mean to t posterior stds either side, in units of s (linear: proportional to t).
+        inside = regions(u) == int(torch.tensor(train_2d.NOISE_LEVELS["sine"]).argmax())
+        sweep = sweep_across(lambda z: ens.obs(ens.model.decode(z), xs[:, inside])[0], mu[:, inside],
+                             pick(log_std[:, inside]).exp(), second, frame(u[inside])[1])
+        sweep = sweep / max(train_2d.NOISE_LEVELS["sine"])
     fractions = along_and_across(error, u)  # (S, regions, 2)
     sigma = ens.group("LS-VAE").log_sigma.detach().reshape(len(seeds)).exp()
     below = ls_log_sigma.exp() < args.threshold  # (steps, S)
@@ -144,7 +165,8 @@ def run(args):
                   for i, seed in enumerate(seeds)]
     second_rows = [f"| {seed} | {with_u[i]:.2f} | " + " | ".join(
         f"{c_across:+.2f}, {c_along:+.2f}; {m_across:.2f}, {m_along:.2f}"
-        for c_across, c_along, m_across, m_along in encodes[i].tolist()) + " |" for i, seed in enumerate(seeds)]
+        for c_across, c_along, m_across, m_along in encodes[i].tolist()) + " | "
+        + " | ".join(f"{move[i]:.2f}" for move in sweep) + " |" for i, seed in enumerate(seeds)]
     write_table(args, rows, train_minutes, checkpoints, trajectory, second_rows)
 
 
@@ -188,11 +210,14 @@ def write_table(args, rows, train_minutes, checkpoints, trajectory, second_rows)
          "and the tangent at the true u), then how far one posterior standard deviation of it moves the "
          "reconstruction across and along the curve (RMS, in units of the region's s; from the encoder's mean, by "
          "central differences). A latent that codes the noise across the curve: correlation near +-1 across and a "
-         "move across near s."),
+         "move across near s. Last columns: the decoder along it in the noisiest third, the reconstruction's RMS move "
+         "across the curve from the encoder's mean to t posterior standard deviations either side, in units of s: "
+         "proportional to t for a decoder linear in it."),
         "",
         "| seed | correlation with u | " + " | ".join(f"s = {s:g}: with noise across, along; moves across, along / s"
-                                                    for s in levels) + " |",
-        "|" + "---|" * (2 + len(levels)),
+                                                    for s in levels) + " | "
+        + " | ".join(f"s = {max(levels):g}: move across at {t:g} std / s" for t in SWEEP) + " |",
+        "|" + "---|" * (2 + len(levels) + len(SWEEP)),
         *second_rows,
         "",
     ]

@@ -64,6 +64,7 @@ def test_the_script_writes_one_row_per_seed_where_it_is_told(tmp_path):
     encoding = [line for line in encodes.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split(" | ")[0] for row in encoding] == ["| 0", "| 1"]
     assert all(-1 <= float(row.split(" | ")[1]) <= 1 and row.count(";") == 3 for row in encoding)
+    assert all(len(row.split(" | ")) == 2 + 3 + 3 for row in encoding)  # and the sweep at 0.5, 1 and 2 std
 
 
 def test_the_noise_flag_changes_the_data_and_only_for_that_run(tmp_path):
@@ -92,3 +93,16 @@ def test_a_latent_that_codes_the_noise_across_the_curve_reads_as_such():
     assert encodes[0, :, 2:].flatten().tolist() == pytest.approx([1.0, 0.0] * 3, abs=1e-5)  # moves across, not along
     assert encodes[1, :, 3].tolist() == pytest.approx([2.0] * 3, abs=1e-5) and encodes[1, :, 2].abs().max() < 1e-5
     assert with_u[1].item() == pytest.approx(1.0, abs=1e-5) and abs(with_u[0].item()) < 0.03
+
+
+def test_the_sweep_along_a_latent_grows_with_t_for_a_linear_decoder_and_not_for_a_step():
+    # Latent 1 of 2 moves the reconstruction across the curve: linearly (0.3 per unit), or as a step of height 0.3
+    # at 0 (two sheets). From the mean z = 0 with posterior std 0.5: linear 0.15 t, step 0.3 at every t.
+    normal = torch.tensor([[0.0, 1.0]]).expand(5, 2)
+    mu, std, latent = torch.zeros(1, 5, 2), torch.full((1, 5), 0.5), torch.ones(1, 1, 1, dtype=torch.int64)
+    linear = lambda z: torch.stack([z[..., 0], 0.3 * z[..., 1]], dim=-1)
+    step = lambda z: torch.stack([z[..., 0], 0.3 * (z[..., 1] > 0).float()], dim=-1)
+    assert ls_sigma_2d.sweep_across(linear, mu, std, latent, normal).flatten().tolist() == \
+        pytest.approx([0.15 * t for t in ls_sigma_2d.SWEEP])
+    assert ls_sigma_2d.sweep_across(step, mu, std, latent, normal).flatten().tolist() == \
+        pytest.approx([0.3 / 2**0.5] * len(ls_sigma_2d.SWEEP))  # one side moves 0.3, the other 0

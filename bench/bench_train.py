@@ -49,8 +49,8 @@ parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(
 parser.add_argument("--ablations", action="store_true",
                     help="also time variants of the default for --sigma learned: " + "; ".join(ABLATIONS))
 parser.add_argument("--profile", action="store_true", help="also profile 20 default steps for each dataset "
-                    "(LV-VAE; on CUDA MNIST also with --compile reduce-overhead) and write the operations that take the "
-                    "most time to profile_train.md beside --out")
+                    "(LV-VAE; on CUDA MNIST also with --compile reduce-overhead) and write the operations that take "
+                    "the most time to profile_train.md beside --out")
 parser.add_argument("--batch-size", type=int, default=128, help="images per step (default 128, the script's)")
 parser.add_argument("--steps", type=int, default=100, help="timed steps per row (default 100)")
 parser.add_argument("--row-seconds", type=float, default=60.0,

@@ -36,8 +36,9 @@ done
 WANTED=" ${*:-${STAGES[*]}} " NAMED=" $* "
 # Table 2's rows: train_images.py flags. warmstart: LS-VAE for 9,360 steps (20 epochs of 468), about the ~7,700 steps
 # at lr 3e-4 that a learned scalar log sigma needs to fall from sigma = 1 to ~0.1 (it moves ~lr a step), then LV-VAE;
-# fixed before any run. A count of steps, for that reason: at Table 2's batch 512 (117 steps an epoch) it is 80 epochs. warmstart-optimal: the same 9,360 steps as sigma-VAE (--lv-warmup-sigma optimal), so that
-# the two warm starts differ only in the warm phase's sigma; chosen before its MNIST CPU runs finished.
+# fixed before any run. A count of steps for that reason: at Table 2's batch 512 (117 steps an epoch), 80 epochs.
+# warmstart-optimal: the same 9,360 steps as sigma-VAE (--lv-warmup-sigma optimal), so that the two warm starts
+# differ only in the warm phase's sigma; chosen before its MNIST CPU runs finished.
 # Both are MNIST's: on the offline CelebA faces (35 steps an epoch) 9,360 steps outlast 200 epochs, and
 # train_images.py warns that the head would never train.
 declare -A ROWS=([fixed]="--sigma fixed" [learned-scalar]="--sigma learned-scalar" [learned]="--sigma learned"

@@ -10,7 +10,8 @@ noise is isotropic: s^2 in each direction):
     (0, 1): the reconstruction is the nearest point of the curve (the code follows the noise along the curve);
     normal < 1: the code also keeps some of the noise across the curve (only a second latent can).
 It also gives each latent's KL (nats per point, the larger first), the step at which sigma first fell below 0.055,
-and a second table of each seed's sigma along training.
+a second table of each seed's sigma along training, and a third of what each seed's second latent encodes (its
+correlation with u and with the noise across and along the curve, and the decoder swept along it).
 
     python bench/ls_sigma_2d.py                       # 10 seeds x 20,000 steps, 64-unit nets (~2 min on 2 CPU cores)
     python bench/ls_sigma_2d.py --hidden 200 --seeds 4 --steps 15000

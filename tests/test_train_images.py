@@ -486,7 +486,8 @@ def test_auto_defaults_by_device_and_processes():
     # reduce-overhead's images/s on MNIST and CelebA); compile default under torchrun; fp32 eager on the CPU. Only
     # the device's type is read: no GPU needed. What is given explicitly stays.
     cases = [("cuda", 1, [], ("bf16", "whole-step")), ("cuda", 2, [], ("bf16", "default")),
-             ("cpu", 1, [], ("fp32", "none")), ("cuda", 1, ["--compile", "reduce-overhead"], ("bf16", "reduce-overhead")),
+             ("cpu", 1, [], ("fp32", "none")),
+             ("cuda", 1, ["--compile", "reduce-overhead"], ("bf16", "reduce-overhead")),
              ("cuda", 1, ["--dtype", "fp32"], ("fp32", "whole-step"))]
     for device, world_size, flags, expected in cases:
         args = train_images.parse_args(flags)

@@ -9,7 +9,7 @@
 # and its launch-configuration sweep, 90 s; then nll-host, bench/bench_nll_host.py, 20 s), train (bench/bench_train.py,
 # ablations and profile; 200 s). Then, concurrently until the budget ends: 2d (train_2d.py --preset paper) and celeba
 # (the CelebA rows of Table 2, $CELEBA_ROWS, default "fixed learned", the paper's two, side by side for $CELEBA_EPOCHS,
-# default 200, the paper's, on $CELEBA_DIR) in the background, beside tests (pytest -m gpu; 120 s) and then mnist: the
+# default 200, the paper's, on $CELEBA_DIR) in the background, beside tests (pytest -m gpu; 150 s) and then mnist: the
 # MNIST rows of Table 2 in $MNIST_ROW (default learned: LV-VAE; several run one after the other) toward the paper's
 # 1,000 epochs, each continued from $CKPT_DIR/mnist_<row>/ (an earlier session's checkpoint pieces) where carried. A row
 # that the budget stops saves a checkpoint, which comes back in pieces, and the rows after it wait for the next session.
@@ -238,7 +238,7 @@ then celeba & background+=($!) names+=" celeba"; fi
 [ -n "$names" ] && echo "=== in the background:$names; their logs follow the others" | tee -a "$LOG"
 if want tests; then
   if [ "$TINY" = 1 ]; then skip tests "TINY=1: without a GPU every test would skip"
-  else stage tests 120 "$PY" -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider; fi
+  else stage tests 150 "$PY" -m pytest -m gpu tests/test_gpu.py -v -p no:cacheprovider; fi
 fi
 want mnist && has_data mnist "$MNIST_DIR" "$MNIST_DIR" && mnist
 ((${#background[@]})) && wait "${background[@]}"

@@ -79,9 +79,10 @@ def main(args):
         for i, seed in enumerate(seeds):
             rows.append(f"| {name} | {seed} | {kl[i]:.4f} | {sigma[i]:.3f} | {history[name]['kl'][-1, i]:.3f} "
                         f"| {elbo[i]:.3f} | {'yes' if escaped[i] else 'no'} |")
-        summary.append((name, int(escaped.sum()), *left_against_stayed(kl, escaped)))
-    summary.append(("both rows", int(np.concatenate(pooled_escaped).sum()),
-                    *left_against_stayed(np.concatenate(pooled_kl), np.concatenate(pooled_escaped))))
+        summary.append((name, int(escaped.sum()), len(escaped), *left_against_stayed(kl, escaped)))
+    pooled_kl, pooled_escaped = np.concatenate(pooled_kl), np.concatenate(pooled_escaped)
+    summary.append(("both rows", int(pooled_escaped.sum()), len(pooled_escaped),
+                    *left_against_stayed(pooled_kl, pooled_escaped)))
     write_table(args, rows, summary, train_minutes, len(seeds))
 
 
@@ -103,8 +104,8 @@ def write_table(args, rows, summary, train_minutes, n_seeds):
         "",
         "| setting | seeds that left | median KL before: left, stayed | one-sided Mann-Whitney p (left > stayed) |",
         "|---|---|---|---|",
-        *[f"| {name} | {count} of {n_seeds * (2 if name == 'both rows' else 1)} | {fmt(medians[0], '.4f')}, "
-          f"{fmt(medians[1], '.4f')} | {fmt(p, '.3g')} |" for name, count, medians, p in summary],
+        *[f"| {name} | {count} of {total} | {fmt(medians[0], '.4f')}, {fmt(medians[1], '.4f')} | {fmt(p, '.3g')} |"
+          for name, count, total, medians, p in summary],
         "",
         "| setting | seed | KL before | sigma | KL at the end | ELBO | left |",
         "|---|---|---|---|---|---|---|",

@@ -98,15 +98,12 @@ def what_a_latent_encodes(latent_mean, moved, x, u, data="sine"):
     tangent, normal = frame(u, data)
     noise = x - train_2d.manifold(u, data)
     across, along = (noise * normal).sum(-1), (noise * tangent).sum(-1)
-    region, parts = regions(u), []
-    for r, s in enumerate(train_2d.NOISE_LEVELS[data]):
-        inside = region == r
-        m = moved[:, inside]
-        parts.append(torch.stack([correlation(latent_mean[:, inside], across[inside]),
-                                  correlation(latent_mean[:, inside], along[inside]),
-                                  ((m * normal[inside]).sum(-1) ** 2).mean(-1).sqrt() / s,
-                                  ((m * tangent[inside]).sum(-1) ** 2).mean(-1).sqrt() / s], dim=-1))
-    return torch.stack(parts, dim=-2), correlation(latent_mean, u.expand_as(latent_mean))
+    region = regions(u)
+    with_noise = torch.stack([torch.stack([correlation(latent_mean[:, region == r], across[region == r]),
+                                           correlation(latent_mean[:, region == r], along[region == r])], dim=-1)
+                              for r in range(len(train_2d.NOISE_LEVELS[data]))], dim=-2)  # (S, regions, 2)
+    moves = along_and_across(moved, u, data).sqrt().flip(-1)  # RMS move across, along, in units of s
+    return torch.cat([with_noise, moves], dim=-1), correlation(latent_mean, u.expand_as(latent_mean))
 
 
 def main(args):

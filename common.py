@@ -737,7 +737,7 @@ def read_celeba_cache(path, fingerprint, split):
         return None
 
 
-def load_celeba(data_dir, split, size=64, images_dir=None, cache_dir=None):
+def load_celeba(data_dir, split, size=64, images_dir=None, cache_dir=None, return_names=False):
     """CelebA images of split "train", "valid" or "test" -> uint8 tensor (N, 3, size, size), RGB 0-255.
 
     Reads CelebA's layout: data_dir/img_align_celeba/*.jpg (178x218) and data_dir/list_eval_partition.txt, and takes
@@ -745,6 +745,7 @@ def load_celeba(data_dir, split, size=64, images_dir=None, cache_dir=None):
     size x size with Pillow's BICUBIC. images_dir: another folder (relative to data_dir, or absolute) of images of
     the same aspect ratio, e.g. img_align_celeba_89x109; the box is scaled by width / 178. The JPEGs are decoded once
     into cache_dir (default data_dir)/celeba_<folder>_<size>.npz, rebuilt when the files, the crop or size change.
+    return_names: also return the images' file names, in the tensor's order.
     """
     if split not in CELEBA_SPLITS:
         raise DataError(f"error: unknown CelebA split {split!r}; use train, valid or test")
@@ -777,7 +778,7 @@ def load_celeba(data_dir, split, size=64, images_dir=None, cache_dir=None):
     action = "read from" if images is not None else f"decoding {sum(map(len, names.values()))} JPEGs once into"
     print(f"celeba: found {found} images in {images_dir}; {action} {cache_path}")
     if images is not None:
-        return torch.from_numpy(images)
+        return (torch.from_numpy(images), names[split]) if return_names else torch.from_numpy(images)
 
     arrays = {name: np.empty((len(names[name]), 3, size, size), np.uint8) for name in CELEBA_SPLITS}
     first = None  # (path, (width, height)) of the first image: every other must have its size
@@ -796,4 +797,4 @@ def load_celeba(data_dir, split, size=64, images_dir=None, cache_dir=None):
         write_file_atomically(cache_path, lambda f: np.savez(f, fingerprint=fingerprint, **arrays))
     except OSError as error:  # a read-only data folder: work on, without the cache
         print(f"celeba: cannot write the cache {cache_path} ({error}); continuing without it")
-    return torch.from_numpy(arrays[split])
+    return (torch.from_numpy(arrays[split]), names[split]) if return_names else torch.from_numpy(arrays[split])

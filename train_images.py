@@ -116,6 +116,11 @@ parser.add_argument("--download", action="store_true", help="MNIST only: fetch m
 parser.add_argument("--celeba-images", default="img_align_celeba",
                     help="CelebA image folder inside --data-dir (default img_align_celeba); a folder of smaller "
                     "images of the same aspect ratio works too")
+parser.add_argument("--celeba-extra-train", metavar="FOLDER",
+                    help="CelebA: a second image folder inside --data-dir whose training-split images join the "
+                    "training set after --celeba-images' own, e.g. img_align_celeba_89x109 (the offline copy's 10,000 "
+                    "half-size faces); an image in both folders is taken once, from --celeba-images; the test images "
+                    "come from --celeba-images alone")
 parser.add_argument("--sigma", choices=SIGMA_NAMES, default="learned",
                     help="fixed: F-VAE; learned-scalar: LS-VAE (Eq. 10); learned: per-pixel LV-VAE (Eq. 11, default); "
                     "optimal: sigma-VAE, sigma^2 = batch MSE in training, the training set's MSE in evaluation")
@@ -204,6 +209,10 @@ def parse_args(argv=None):
         parser.error("--nll-kernel triton but triton is not installed (Linux: pip install triton); use auto or torch")
     if args.download and args.dataset != "mnist":
         parser.error("--download fetches MNIST only; download CelebA yourself into --data-dir")
+    if args.celeba_extra_train and args.dataset != "celeba":
+        parser.error("--celeba-extra-train adds CelebA training images; add --dataset celeba or drop it")
+    if args.celeba_extra_train and os.path.normpath(args.celeba_extra_train) == os.path.normpath(args.celeba_images):
+        parser.error("--celeba-extra-train names the --celeba-images folder itself; name another folder or drop it")
     if args.device == "cpu" and args.compile in ("reduce-overhead", "whole-step"):
         parser.error(f"--compile {args.compile} records CUDA graphs; on the CPU use --compile default or none")
     for key in ["epochs", "batch_size", "eval_images", "iwae_k", "iwae_images", "log_every", "eval_every"]:
@@ -260,8 +269,19 @@ def stop_together(error, device):
 def load_split(args, split):
     if args.dataset == "mnist":
         return load_mnist(args.data_dir, split, download=args.download)
-    return load_celeba(args.data_dir, split, ARCHITECTURES["celeba"]["size"], images_dir=args.celeba_images,
-                       cache_dir=args.cache_dir)
+    size = ARCHITECTURES["celeba"]["size"]
+    images, names = load_celeba(args.data_dir, split, size, images_dir=args.celeba_images, cache_dir=args.cache_dir,
+                                return_names=True)
+    if split != "train" or not args.celeba_extra_train:
+        return images
+    # A second pool of training faces (e.g. half-size copies): appended, so --max-train-images takes the first folder's
+    extra, extra_names = load_celeba(args.data_dir, "train", size, images_dir=args.celeba_extra_train,
+                                     cache_dir=args.cache_dir, return_names=True)
+    known = set(names)
+    new = [i for i, name in enumerate(extra_names) if name not in known]
+    print(f"celeba: {len(new)} training images of {args.celeba_extra_train} join the {len(images)} of "
+          f"{args.celeba_images}: {len(images) + len(new)} ({len(extra_names) - len(new)} in both, taken once)")
+    return torch.cat([images, extra[new]])
 
 
 class WarmStartSigma(torch.nn.Module):
@@ -642,14 +662,15 @@ def command_line(launcher, argv):
 
 def setting_name(run):
     """Table 2's name of a run's setting (run: a record or vars(args)): F-VAE (sigma=0.707), LS-VAE, LV-VAE, LV-VAE,
-    warm start (N steps[ of sigma-VAE][, head at the MSE's sigma][, fresh Adam]), sigma-VAE. Runs recorded before
-    --lv-fresh-adam, --lv-warmup-sigma and --lv-handover-sigma existed had none of them."""
+    warm start (N steps[ of sigma-VAE][, head at the MSE's sigma][, fresh Adam]), sigma-VAE[, + FOLDER faces]. Runs
+    recorded before --lv-fresh-adam, --lv-warmup-sigma, --lv-handover-sigma and --celeba-extra-train existed had none
+    of them."""
     name = SIGMA_NAMES[run["sigma"]] + (f" (sigma={run['sigma_value']:.3g})" if run["sigma"] == "fixed" else "")
-    if not run.get("lv_warmup"):
-        return name
-    warm = " of sigma-VAE" if run.get("lv_warmup_sigma") == "optimal" else ""
-    warm += ", head at the MSE's sigma" if run.get("lv_handover_sigma") == "mse" else ""
-    return name + f", warm start ({run['lv_warmup']} steps{warm}{', fresh Adam' if run.get('lv_fresh_adam') else ''})"
+    if run.get("lv_warmup"):
+        warm = " of sigma-VAE" if run.get("lv_warmup_sigma") == "optimal" else ""
+        warm += ", head at the MSE's sigma" if run.get("lv_handover_sigma") == "mse" else ""
+        name += f", warm start ({run['lv_warmup']} steps{warm}{', fresh Adam' if run.get('lv_fresh_adam') else ''})"
+    return name + (f", + {run['celeba_extra_train']} faces" if run.get("celeba_extra_train") else "")
 
 
 def paper_value(run):
@@ -692,8 +713,10 @@ def figure_stem(run):
     warm = ("_warmstart" + ("-optimal" if run.get("lv_warmup_sigma") == "optimal" else "")
             + ("-msehead" if run.get("lv_handover_sigma") == "mse" else "")
             + ("-freshadam" if run.get("lv_fresh_adam") else "")) if run.get("lv_warmup") else ""
+    extra = f"_plus-{os.path.basename(os.path.normpath(run['celeba_extra_train']))}" \
+        if run.get("celeba_extra_train") else ""
     return f"{run['dataset']}_{run['sigma']}{warm}_{run['likelihood']}_" \
-        f"{run['epochs']}ep" + (f"_seed{seed}" if seed else "")
+        f"{run['epochs']}ep{extra}" + (f"_seed{seed}" if seed else "")
 
 
 def figure_cell(run, out):
@@ -961,7 +984,7 @@ def record_run(args, model, obs, test_pixels, final, iwae, record, out, device):
         f"per pixel: median {sigma.median().item():.3g}, min {sigma.min().item():.3g}, max {sigma.max().item():.3g}"
     record.update(dataset=args.dataset, sigma=args.sigma, sigma_value=args.sigma_value, lv_warmup=args.lv_warmup,
                   lv_fresh_adam=args.lv_fresh_adam, lv_warmup_sigma=args.lv_warmup_sigma,
-                  lv_handover_sigma=args.lv_handover_sigma,
+                  lv_handover_sigma=args.lv_handover_sigma, celeba_extra_train=args.celeba_extra_train,
                   likelihood=args.likelihood, seed=args.seed,
                   epochs=args.epochs, final=final, iwae=iwae, iwae_k=args.iwae_k, dtype=args.dtype,
                   compile=args.compile, sigma_summary=sigma_summary + (" (sqrt of the training MSE)"

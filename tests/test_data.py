@@ -249,6 +249,14 @@ def test_load_celeba_crops_and_follows_the_split_file(tmp_path, capsys):
     assert len(printed) == 3 and all("found 3 train, 2 valid, 1 test images" in line for line in printed)
 
 
+def test_load_celeba_names_its_images_in_order(tmp_path):
+    tiny_celeba(tmp_path)
+    for _ in range(2):  # decoded, then read from the cache
+        images, names = load_celeba(str(tmp_path), "valid", size=32, return_names=True)
+        assert names == ["000004.jpg", "000005.jpg"] and images.shape[0] == 2
+        assert_inside_colours(images, [3, 4])
+
+
 def test_smaller_images_scale_the_crop_box(tmp_path):
     tiny_celeba(tmp_path, splits=(0, 0), size=(89, 109), images_dir="img_align_celeba_89x109")
     images = load_celeba(str(tmp_path), "train", size=32, images_dir="img_align_celeba_89x109")

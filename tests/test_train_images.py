@@ -240,6 +240,8 @@ def test_table_2_gathers_the_seeds_of_a_row(tmp_path):
     (["--lv-handover-sigma", "mse"], "--lv-handover-sigma is where the warm start's head starts; add --lv-warmup N"),
     (["--lv-warmup", "5", "--lv-warmup-sigma", "optimal", "--lv-handover-sigma", "mse"],
      "--lv-handover-sigma mse is what --lv-warmup-sigma optimal does already"),
+    (["--celeba-extra-train", "img_align_celeba_89x109"], "--celeba-extra-train adds CelebA training images"),
+    (["--dataset", "celeba", "--celeba-extra-train", "img_align_celeba/"], "names the --celeba-images folder itself"),
 ])
 def test_contradictory_flags_are_refused(flags, message):
     result = run(flags)
@@ -722,6 +724,55 @@ def test_celeba_cache_goes_to_cache_dir_and_the_dataset_folder_stays_untouched(t
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.listdir(tmp_path / "cache") == ["celeba_img_align_celeba_64.npz"]
     assert sorted(os.listdir(tmp_path / "celeba")) == ["img_align_celeba", "list_eval_partition.txt"]
+
+
+def two_folder_celeba(folder):
+    """Full-size faces 000001-000006 (train, train, train, train, valid, test) and half-size copies of 000003 (train,
+    in both folders), 000006 (test) and the new training faces 000007 and 000008."""
+    from test_data import face, tiny_celeba
+
+    tiny_celeba(folder, splits=(0, 0, 0, 0, 1, 2))
+    rows = [f"{i:06d}.jpg {code}" for i, code in enumerate([0, 0, 0, 0, 1, 2, 0, 0], 1)]
+    (folder / "list_eval_partition.txt").write_bytes(("\r\n".join(rows) + "\r\n").encode())
+    (folder / "img_align_celeba_89x109").mkdir()
+    for number in [3, 6, 7, 8]:
+        face(number - 1, (89, 109)).save(folder / "img_align_celeba_89x109" / f"{number:06d}.jpg", quality=95)
+    return folder
+
+
+def test_celeba_extra_train_appends_the_new_training_faces_of_a_second_folder(tmp_path, capsys):
+    from test_data import assert_inside_colours
+
+    data = two_folder_celeba(tmp_path / "celeba")
+    flags = ["--dataset", "celeba", "--data-dir", str(data), "--cache-dir", str(tmp_path / "cache")]
+    args = train_images.parse_args([*flags, "--celeba-extra-train", "img_align_celeba_89x109"])
+    train = train_images.load_split(args, "train")
+    assert train.shape == (6, 3, 64, 64)
+    assert_inside_colours(train, [0, 1, 2, 3, 6, 7])  # the first folder's four, then 000007 and 000008
+    assert "2 training images of img_align_celeba_89x109 join the 4 of img_align_celeba: 6 (1 in both" \
+        in capsys.readouterr().out
+    # The test images come from the first folder alone; without the flag the training set is the first folder's
+    assert torch.equal(train_images.load_split(args, "test"), train_images.load_split(
+        train_images.parse_args(flags), "test"))
+    assert torch.equal(train_images.load_split(train_images.parse_args(flags), "train"), train[:4])
+
+
+def test_celeba_extra_train_run_records_its_pool(tmp_path):
+    data = two_folder_celeba(tmp_path / "celeba")
+    result = run(["--dataset", "celeba", "--data-dir", str(data), "--cache-dir", str(tmp_path / "cache"),
+                  "--celeba-extra-train", "img_align_celeba_89x109", "--epochs", "1", "--batch-size", "4",
+                  "--eval-images", "1", "--iwae-k", "2", "--iwae-images", "1", "--logdir", str(tmp_path / "runs"),
+                  "--out", str(tmp_path / "out")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
+    assert record["train_images"] == 6 and record["celeba_extra_train"] == "img_align_celeba_89x109"
+    stem = "celeba_learned_continuous_1ep_plus-img_align_celeba_89x109"
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(
+        ["runs.jsonl", "table2.md", f"{stem}_reconstructions.png", f"{stem}_generations.png"])
+    assert "| celeba | LV-VAE, + img_align_celeba_89x109 faces | continuous | 0 | 1 | 6 |" in \
+        (tmp_path / "out" / "table2.md").read_text()
+    assert sorted(os.listdir(tmp_path / "cache")) == ["celeba_img_align_celeba_64.npz",
+                                                      "celeba_img_align_celeba_89x109_64.npz"]
 
 
 # --- LV-VAE with a warm start (issue 12; ours, not the paper's) ---

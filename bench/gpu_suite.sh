@@ -26,7 +26,8 @@
 # MNIST_MIN_BOX (s; default 0: a row starts only with at least this much of the budget left, for when a stopped row's
 # checkpoint could not be carried), CKPT_DIR (default ckpt), CELEBA_DIR (default data/celeba), CELEBA_PARTS (folders
 # that together hold CelebA's images and partition file, carried one a call; joined instead of CELEBA_DIR),
-# CELEBA_ROWS, CELEBA_EPOCHS. Relative paths are relative to the repository root.
+# CELEBA_ROWS, CELEBA_EPOCHS, CELEBA_EXTRA (a second folder of training faces in the CelebA folder, passed as
+# --celeba-extra-train, e.g. img_align_celeba_89x109; default none). Relative paths are relative to the repository root.
 set -u
 cd "$(dirname "$0")/.." || exit
 STAGES=(env nll train tests 2d celeba mnist)
@@ -85,6 +86,7 @@ else
   MNIST_NEW=(--iwae-k 1000 --batch-size 512)
   CELEBA=(--epochs "${CELEBA_EPOCHS:-200}" --eval-every 50)
 fi
+[ -n "${CELEBA_EXTRA:-}" ] && CELEBA+=(--celeba-extra-train "$CELEBA_EXTRA")
 
 skip() {  # skip NAME WHY
   echo "=== $1: skipped, $2" | tee -a "$STAGE_LOG"
@@ -109,7 +111,8 @@ has_data() {  # has_data STAGE WHAT FILE...: true if every FILE exists; else the
   for path in "$@"; do
     [ -e "$path" ] && continue
     if named "$name"; then
-      echo "=== $name: error: no $path; carry $what to the device (e.g. carry=[\"$what\"])" | tee -a "$LOG"
+      echo "=== $name: error: no $path; carry $what to the device$([[ $what != *" "* ]] &&
+        echo " (e.g. carry=[\"$what\"])")" | tee -a "$LOG"
       echo "$name no-data" >>"$EXITS"
     else
       skip "$name" "no $path (carry $what to run it)"
@@ -223,17 +226,26 @@ background=() names=""
 if want 2d; then two_d & background+=($!) names+=" 2d"; fi
 if want celeba && [ -n "${CELEBA_PARTS:-}" ]; then  # carried in parts, one a call (README): joined by links
   CELEBA_DIR=$SCRATCH/celeba_joined
-  rm -rf "$CELEBA_DIR"; mkdir -p "$CELEBA_DIR/img_align_celeba"
+  rm -rf "$CELEBA_DIR"; mkdir -p "$CELEBA_DIR"
   for part in $CELEBA_PARTS; do
-    has_data celeba "$part" "$part/img_align_celeba" || { CELEBA_DIR=""; break; }
-    find "$(realpath "$part")/img_align_celeba" -name '*.jpg' -exec ln -s -t "$CELEBA_DIR/img_align_celeba" {} +
+    has_data celeba "$part" "$part" || { CELEBA_DIR=""; break; }
+    for folder in "$part"/img_align_celeba*/; do  # the full-size faces, and any folder of smaller ones
+      [ -d "$folder" ] || continue
+      mkdir -p "$CELEBA_DIR/$(basename "$folder")"
+      find "$(realpath "$folder")" -name '*.jpg' -exec ln -s -t "$CELEBA_DIR/$(basename "$folder")" {} +
+    done
     [ -f "$part/list_eval_partition.txt" ] && ln -s "$(realpath "$part")/list_eval_partition.txt" "$CELEBA_DIR/"
   done
-  [ -n "$CELEBA_DIR" ] && echo "=== celeba: joined $CELEBA_PARTS: $(find "$CELEBA_DIR/img_align_celeba" -name '*.jpg' \
-    | wc -l) images" | tee -a "$LOG"
+  if [ -n "$CELEBA_DIR" ] && [ -n "${CELEBA_EXTRA:-}" ]; then  # the second pool's folder is in no part
+    has_data celeba "the part that holds $CELEBA_EXTRA/, named in CELEBA_PARTS," "$CELEBA_DIR/$CELEBA_EXTRA" ||
+      CELEBA_DIR=""
+  fi
+  [ -n "$CELEBA_DIR" ] && echo "=== celeba: joined $CELEBA_PARTS:$(for folder in "$CELEBA_DIR"/*/; do
+    echo -n " $(find "$folder" -name '*.jpg' | wc -l) images in $(basename "$folder")"; done)" | tee -a "$LOG"
 fi
 if want celeba && [ -n "$CELEBA_DIR" ] &&
-   has_data celeba "$CELEBA_DIR" "$CELEBA_DIR/img_align_celeba" "$CELEBA_DIR/list_eval_partition.txt"
+   has_data celeba "$CELEBA_DIR" "$CELEBA_DIR/img_align_celeba" "$CELEBA_DIR/list_eval_partition.txt" \
+     ${CELEBA_EXTRA:+"$CELEBA_DIR/$CELEBA_EXTRA"}
 then celeba & background+=($!) names+=" celeba"; fi
 [ -n "$names" ] && echo "=== in the background:$names; their logs follow the others" | tee -a "$LOG"
 if want tests; then

@@ -11,7 +11,7 @@ import tarfile
 import pytest
 
 from common import load_checkpoint
-from test_data import tiny_celeba
+from test_data import face, tiny_celeba
 from test_train_images import ROOT, write_tiny_mnist
 
 MIB = 2**20
@@ -162,13 +162,30 @@ def test_celeba_carried_in_parts_is_joined_and_a_missing_part_fails_with_one_lin
     result = suite(tmp_path, tmp_path, "celeba", CELEBA_PARTS=parts, CELEBA_ROWS="fixed")
     log = (tmp_path / "out" / "suite.log").read_text()
     assert result.returncode == 0 and exits(log) == {"celeba-fixed": 0}, log[-3000:]
-    assert re.search(r"^=== celeba: joined .*celeba_a .*celeba_b: 36 images$", log, re.M), log
+    assert re.search(r"^=== celeba: joined .*celeba_a .*celeba_b: 36 images in img_align_celeba$", log, re.M), log
     assert "found 32 train, 0 valid, 4 test images" in log, log[-3000:]
+    # A third part, a folder of half-size faces (000001, in both; 000037, a new training face; 000039, a test face),
+    # joined and passed as --celeba-extra-train
+    (tmp_path / "celeba_c" / "img_align_celeba_89x109").mkdir(parents=True)
+    for number in [1, 37, 39]:
+        face(number, (89, 109)).save(tmp_path / "celeba_c" / "img_align_celeba_89x109" / f"{number:06d}.jpg")
+    result = suite(tmp_path, tmp_path, "celeba", CELEBA_PARTS=f"{parts} {tmp_path / 'celeba_c'}", CELEBA_ROWS="fixed",
+                   CELEBA_EXTRA="img_align_celeba_89x109")
+    log = (tmp_path / "out" / "suite.log").read_text()
+    assert result.returncode == 0 and exits(log) == {"celeba-fixed": 0}, log[-3000:]
+    assert re.search(r"^=== celeba: joined .*celeba_c: 36 images in img_align_celeba 3 images in "
+                     r"img_align_celeba_89x109$", log, re.M), log
+    assert "1 training images of img_align_celeba_89x109 join the 32 of img_align_celeba: 33 (1 in both" in log
     result = suite(tmp_path, tmp_path, "celeba", CELEBA_PARTS=f"{tmp_path / 'gone'} {tmp_path / 'celeba_b'}",
                    CELEBA_ROWS="fixed")
     assert result.returncode == 1 and "celeba=no-data" in result.stdout, result.stdout
-    assert re.search(r"^=== celeba: error: no .*gone/img_align_celeba; carry .*gone to the device", result.stdout,
-                     re.M), result.stdout
+    assert re.search(r"^=== celeba: error: no .*gone; carry .*gone to the device", result.stdout, re.M), result.stdout
+    result = suite(tmp_path, tmp_path, "celeba", CELEBA_PARTS=parts, CELEBA_ROWS="fixed",
+                   CELEBA_EXTRA="img_align_celeba_89x109")  # the extra folder's part not carried
+    assert result.returncode == 1 and "celeba=no-data" in result.stdout, result.stdout
+    assert re.search(r"^=== celeba: error: no .*img_align_celeba_89x109; carry the part that holds "
+                     r"img_align_celeba_89x109/, named in CELEBA_PARTS, to the device$", result.stdout, re.M), \
+        result.stdout
 
 
 def test_mnist_rows_that_finish_run_one_after_the_other(tmp_path):

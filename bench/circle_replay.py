@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 import torch
-from scipy.stats import mannwhitneyu
+from scipy.stats import mannwhitneyu, spearmanr
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_2d  # noqa: E402  (its ensemble, training loop, data and evaluation)
@@ -34,11 +34,14 @@ ESCAPED = -2.0  # final ELBO above this: the seed has left the collapse (collaps
 CONTINUATION_SEEDS = 10**6  # copy r of seed s draws its batches and noise from seed 10**6 + s x replicas + r
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--seeds", type=int, default=40, help="seeds 0 .. N-1 (default 40)")
+parser.add_argument("--seeds", type=int, default=40, help="how many seeds (default 40)")
+parser.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0: seeds 0 .. N-1)")
 parser.add_argument("--replicas", type=int, default=8, help="copies of each seed's state at the hand-over (default 8)")
 parser.add_argument("--steps", type=int, default=4000, help="training steps in all (default 4000, the quick preset's)")
 parser.add_argument("--hidden", type=int, default=64, help="units per layer (default 64, the quick preset's)")
 parser.add_argument("--lv-warmup", type=int, default=1000, help="steps before the hand-over (default 1000)")
+parser.add_argument("--window", type=int, default=200,
+                    help="the KL before the hand-over: mean of the records in its last WINDOW steps (default 200)")
 parser.add_argument("--permutations", type=int, default=10000, help="shuffles of the permutation test (default 10000)")
 parser.add_argument("--logdir", default="runs", help="TensorBoard folder of the training runs (default runs)")
 parser.add_argument("--out", default="results/2d/circle_replay.md", help="the table (default %(default)s)")
@@ -78,7 +81,7 @@ def permutation_p(escaped, permutations, generator):
 
 
 def main(args):
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     flags = ["--data", "circle", "--settings", "LVwarm", "LVwarmopt", "--seeds", str(args.seeds), "--hidden",
              str(args.hidden), "--device", "cpu", "--logdir", args.logdir]
     full_args = train_2d.parse_args([*flags, "--steps", str(args.steps), "--lv-warmup", str(args.lv_warmup)])
@@ -93,7 +96,9 @@ def main(args):
     before_args = copy.copy(full_args)
     before_args.steps = args.lv_warmup
     at_handover = warm_ensemble(seeds, before_args)
-    train_2d.train([at_handover], seeds, before_args, "cpu", "to the hand-over")
+    history, _ = train_2d.train([at_handover], seeds, before_args, "cpu", "to the hand-over")
+    # The code's information then, as circle_handover.py measures it: the mean recorded batch KL over the last steps
+    kl_before = {name: h["kl"][h["step"] > args.lv_warmup - args.window].mean(0) for name, h in history.items()}
     # The copies, handed over at their first step and trained on with batches of their own
     after_args = copy.copy(full_args)
     after_args.steps, after_args.lv_warmup = args.steps - args.lv_warmup, 0
@@ -110,7 +115,8 @@ def main(args):
         escaped = elbo > ESCAPED
         counts = escaped.sum(1)
         for i, seed in enumerate(seeds):
-            rows.append(f"| {name} | {seed} | {'yes' if first[name][i] else 'no'} | {counts[i]} of {args.replicas} "
+            rows.append(f"| {name} | {seed} | {kl_before[name][i]:.4f} | {'yes' if first[name][i] else 'no'} "
+                        f"| {counts[i]} of {args.replicas} "
                         f"| {' / '.join(f'{v:.2f}' for v in elbo[i])} |")
         mixed = int(((counts > 0) & (counts < args.replicas)).sum())
         fraction_left, fraction_stayed = counts[first[name]] / args.replicas, counts[~first[name]] / args.replicas
@@ -119,7 +125,8 @@ def main(args):
         summary.append((name, int(first[name].sum()), int(escaped.sum()), mixed,
                         permutation_p(escaped, args.permutations, generator),
                         fraction_left.mean() if len(fraction_left) else None,
-                        fraction_stayed.mean() if len(fraction_stayed) else None, p_first))
+                        fraction_stayed.mean() if len(fraction_stayed) else None, p_first,
+                        *(spearmanr(kl_before[name], counts) if counts.min() < counts.max() else (np.nan, np.nan))))
     write_table(args, rows, summary, train_minutes)
 
 
@@ -131,7 +138,7 @@ def write_table(args, rows, summary, train_minutes):
         "",
         f"Command: `{command}`",
         "",
-        (f"The two warm-start rows of train_2d.py on the circle, {args.seeds} seeds, ResNets of 4 blocks x "
+        (f"The two warm-start rows of train_2d.py on the circle, {args.seeds} seeds from {args.first_seed}, ResNets of 4 blocks x "
          f"{args.hidden} units, train_2d.py's defaults otherwise. Original: each seed trained for {args.steps} steps "
          f"with its own batches, hand-over after {args.lv_warmup}. Copies: the same models at the hand-over, "
          f"{args.replicas} copies each (weights, sigma, Adam's state), each continued for "
@@ -142,17 +149,20 @@ def write_table(args, rows, summary, train_minutes):
          f"counts is at least the observed one when all outcomes of the row are shuffled across seeds "
          f"({args.permutations} shuffles; small: the seeds differ more than the noise after the hand-over makes "
          "them). Copies that left: mean fraction over the seeds whose original run left, and over those whose "
-         "original stayed, with the one-sided Mann-Whitney p of the first above the second."),
+         "original stayed, with the one-sided Mann-Whitney p of the first above the second. KL before: the mean "
+         f"recorded batch KL (nats per point) in the {args.window} steps up to the hand-over, as circle_handover.py "
+         "measures it; its Spearman correlation with the seeds' escape counts, and p."),
         "",
         ("| setting | original runs that left | copies that left | mixed seeds | permutation p | copies that left: "
-         "seeds whose original left, stayed | Mann-Whitney p |"),
-        "|---|---|---|---|---|---|---|",
+         "seeds whose original left, stayed | Mann-Whitney p | Spearman (KL before, copies that left), p |"),
+        "|---|---|---|---|---|---|---|---|",
         *[f"| {name} | {first} of {args.seeds} | {left} of {args.seeds * args.replicas} | {mixed} of {args.seeds} "
-          f"| {p:.3g} | {fmt(f_left, '.2f')}, {fmt(f_stayed, '.2f')} | {fmt(p_first, '.3g')} |"
-          for name, first, left, mixed, p, f_left, f_stayed, p_first in summary],
+          f"| {p:.3g} | {fmt(f_left, '.2f')}, {fmt(f_stayed, '.2f')} | {fmt(p_first, '.3g')} "
+          f"| {rho:.2f}, {p_rho:.2g} |"
+          for name, first, left, mixed, p, f_left, f_stayed, p_first, rho, p_rho in summary],
         "",
-        "| setting | seed | original left | copies that left | copies' final ELBO |",
-        "|---|---|---|---|---|",
+        "| setting | seed | KL before | original left | copies that left | copies' final ELBO |",
+        "|---|---|---|---|---|---|",
         *rows,
         "",
     ]

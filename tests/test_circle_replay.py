@@ -51,14 +51,14 @@ def test_the_permutation_test_separates_decided_seeds_from_noise():
 
 def test_the_script_writes_its_table_with_a_row_per_seed_and_setting(tmp_path):
     out = tmp_path / "replay.md"
-    args = argparse.Namespace(seeds=2, replicas=2, steps=40, hidden=16, lv_warmup=20, permutations=50,
-                              logdir=str(tmp_path / "runs"), out=str(out))
+    args = argparse.Namespace(seeds=2, first_seed=5, replicas=2, steps=40, hidden=16, lv_warmup=20, window=20,
+                              permutations=50, logdir=str(tmp_path / "runs"), out=str(out))
     circle_replay.main(args)
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| LV-VAE, warm start")]
     assert len(rows) == 2 + 2 * 2  # the two settings' summaries, then each seed of each
     for row in rows[2:]:
         cells = row.strip("| ").split(" | ")
-        elbos = [float(v) for v in cells[4].split(" / ")]
-        assert cells[2] in ("yes", "no") and len(elbos) == 2
-        assert cells[3] == f"{sum(v > circle_replay.ESCAPED for v in elbos)} of 2"
+        elbos = [float(v) for v in cells[5].split(" / ")]
+        assert cells[1] in ("5", "6") and float(cells[2]) >= 0 and cells[3] in ("yes", "no") and len(elbos) == 2
+        assert cells[4] == f"{sum(v > circle_replay.ESCAPED for v in elbos)} of 2"

@@ -40,6 +40,12 @@ parser.add_argument("--logdir", default="runs", help="TensorBoard folder of the 
 parser.add_argument("--out", default="results/2d/circle_handover.md", help="the table (default %(default)s)")
 
 
+def warm_ensemble(seeds, train_args):
+    """train_2d.py's two warm-start rows (LVwarm, LVwarmopt) for these seeds, as one ensemble on the CPU."""
+    groups = [(name, train_2d.WarmStartSigma(len(seeds), warm=warm)) for name, warm in train_2d.WARM_ROWS.values()]
+    return train_2d.Ensemble(groups, seeds, train_args, "cpu")
+
+
 def before_handover(history, warmup, window):
     """Per seed: the mean recorded KL in steps (warmup - window, warmup], and sigma at the last record <= warmup."""
     steps = history["step"]
@@ -62,9 +68,8 @@ def main(args):
                                       str(args.seeds), "--steps", str(args.steps), "--hidden", str(args.hidden),
                                       "--lv-warmup", str(args.lv_warmup), "--device", "cpu", "--logdir", args.logdir])
     seeds = list(range(args.seeds))
-    groups = [(name, train_2d.WarmStartSigma(len(seeds), warm=warm)) for name, warm in train_2d.WARM_ROWS.values()]
     started = time.time()
-    ens = train_2d.Ensemble(groups, seeds, train_args, "cpu")
+    ens = warm_ensemble(seeds, train_args)
     history, _ = train_2d.train([ens], seeds, train_args, "cpu", "warm starts")
     train_minutes = (time.time() - started) / 60
     x_eval = train_2d.sample_data(train_args.eval_points, torch.Generator().manual_seed(2**31 - 1), "circle")

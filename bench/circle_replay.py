@@ -28,9 +28,9 @@ from scipy.stats import mannwhitneyu, spearmanr
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_2d  # noqa: E402  (its ensemble, training loop, data and evaluation)
+from bench.circle_handover import ESCAPED, before_handover, warm_ensemble  # noqa: E402  (the same rows and measures)
 from common import hardware, write_file_atomically  # noqa: E402
 
-ESCAPED = -2.0  # final ELBO above this: the seed has left the collapse (collapsed: -2.150), as circle_handover.py
 CONTINUATION_SEEDS = 10**6  # copy r of seed s draws its batches and noise from seed 10**6 + s x replicas + r
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -45,11 +45,6 @@ parser.add_argument("--window", type=int, default=200,
 parser.add_argument("--permutations", type=int, default=10000, help="shuffles of the permutation test (default 10000)")
 parser.add_argument("--logdir", default="runs", help="TensorBoard folder of the training runs (default runs)")
 parser.add_argument("--out", default="results/2d/circle_replay.md", help="the table (default %(default)s)")
-
-
-def warm_ensemble(seeds, train_args):
-    groups = [(name, train_2d.WarmStartSigma(len(seeds), warm=warm)) for name, warm in train_2d.WARM_ROWS.values()]
-    return train_2d.Ensemble(groups, seeds, train_args, "cpu")
 
 
 @torch.no_grad()
@@ -98,7 +93,7 @@ def main(args):
     at_handover = warm_ensemble(seeds, before_args)
     history, _ = train_2d.train([at_handover], seeds, before_args, "cpu", "to the hand-over")
     # The code's information then, as circle_handover.py measures it: the mean recorded batch KL over the last steps
-    kl_before = {name: h["kl"][h["step"] > args.lv_warmup - args.window].mean(0) for name, h in history.items()}
+    kl_before = {name: before_handover(h, args.lv_warmup, args.window)[0] for name, h in history.items()}
     # The copies, handed over at their first step and trained on with batches of their own
     after_args = copy.copy(full_args)
     after_args.steps, after_args.lv_warmup = args.steps - args.lv_warmup, 0

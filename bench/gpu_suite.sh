@@ -15,7 +15,8 @@
 # that the budget stops saves a checkpoint, which comes back in pieces, and the rows after it wait for the next session.
 # celeba and mnist are skipped, as no failure, when their data are not there and the stage was not named: carry
 # data/celeba or data/mnist (the device tool's 64 MiB hold one of them beside the tracked files).
-# Writes into $OUT (default gpu_suite_out): suite.log; suite.tgz, to unpack in the repository root (what the stages
+# Writes into $OUT (default gpu_suite_out): suite.log; suite.tgz, for bench/unpack_suite.py (never a plain tar xzf:
+# a later call's runs.jsonl lacks an earlier call's records) to unpack in the repository root (what the stages
 # wrote under results/, the runs' TensorBoard events in runs/gpu_suite_<dataset>_<row>/); and, for a row stopped
 # before its 1,000 epochs, mnist_<row>.ckpt.pt.part-aa... (<= 15 MiB each) + mnist_<row>.ckpt.pt.sha256: copy them
 # into ckpt/mnist_<row>/ and carry ckpt/ to the next session. Exit 0 only if every stage that ran succeeded.

@@ -50,6 +50,10 @@ def read_archive(path):
     return files
 
 
+def write_bytes(path, data):
+    write_file_atomically(path, lambda f: f.write(data))
+
+
 def unpack(archives, root="."):
     """Write the archives' files under root; append new records; rewrite each table2.md. Returns what changed."""
     contents = [(path, read_archive(path)) for path in archives]  # all checked before anything is written
@@ -60,18 +64,20 @@ def unpack(archives, root="."):
             target = os.path.join(root, name)
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
             if os.path.basename(name) == RECORDS:
-                held = open(target).read() if os.path.exists(target) else ""
+                held = ""
+                if os.path.exists(target):
+                    with open(target) as f:
+                        held = f.read()
                 known = {line.strip() for line in held.splitlines()}
                 new = [line.strip() for line in data.decode().splitlines() if line.strip() not in known | {""}]
                 if held and not held.endswith("\n"):
                     held += "\n"
-                text = (held + "".join(line + "\n" for line in new)).encode()
-                write_file_atomically(target, lambda f: f.write(text))
+                write_bytes(target, (held + "".join(line + "\n" for line in new)).encode())
                 appended[name] = appended.get(name, 0) + len(new)
             elif os.path.basename(name) == "table2.md" and os.path.dirname(name) in merged:
                 continue  # one call's table: rewritten below from the merged records instead
             else:
-                write_file_atomically(target, lambda f: f.write(data))
+                write_bytes(target, data)
                 written.append(name)
     for name in appended:
         write_table2(os.path.join(root, os.path.dirname(name)))

@@ -128,6 +128,17 @@ pack_events() {  # pack_events FOLDER NAME: FOLDER's TensorBoard events into the
   find "$1" -name 'events.out.tfevents.*' -exec cp {} "$SCRATCH/pack/runs/$2/" \; 2>/dev/null
 }
 
+pack() {  # suite.tgz: what the stages wrote under results/ so far, with its paths in the repository, and the events.
+  # Rewritten after every MNIST row and at the end, through a temporary file, so that a call the device tool cuts
+  # short still brings back the rows that finished before it.
+  (cd "$(dirname "$RESULTS")" && find "$(basename "$RESULTS")" -type f -newer "$SCRATCH/started" \
+    -exec cp --parents {} "$SCRATCH/pack" \; 2>/dev/null)
+  tar czf "$OUT/suite.tgz.tmp" -C "$SCRATCH/pack" -T <(ls -A "$SCRATCH/pack") 2>>"$LOG" &&
+    mv "$OUT/suite.tgz.tmp" "$OUT/suite.tgz"
+  echo "=== packed $OUT/suite.tgz: $(tar tzf "$OUT/suite.tgz" | grep -vc /$) files, $(du -h "$OUT/suite.tgz" | cut -f1)" \
+    | tee -a "$LOG"
+}
+
 two_d() {  # in the background: again without CUDA graphs if it fails before its time box (e.g. a capture error)
   # The box ends 45 s early with SIGTERM: train_2d.py stops training, evaluates what it trained and writes Table 1
   # marked as cut short, within the 45 s before SIGKILL.
@@ -209,6 +220,7 @@ mnist() {  # the rows one after the other; one the budget stopped is carried, an
       skip "mnist_$name" "$left s left, below MNIST_MIN_BOX=$MNIST_MIN_BOX"; continue
     fi
     mnist_row "$name"
+    [ "$RC" = 0 ] && pack  # a finished row comes back even if a later one is cut short
     [[ $RC == 124 || $RC == 143 ]] && stopped=$name
   done
 }
@@ -260,12 +272,8 @@ for log in 2d $(for name in $CELEBA_ROWS; do echo "celeba-$name"; done); do
   [ -f "$SCRATCH/logs/$log.log" ] && cat "$SCRATCH/logs/$log.log" >>"$LOG"
 done
 
-# --- pack: what the stages wrote, with the paths it has in the repository ---
-(cd "$(dirname "$RESULTS")" && find "$(basename "$RESULTS")" -type f -newer "$SCRATCH/started" \
-  -exec cp --parents {} "$SCRATCH/pack" \; 2>/dev/null)
-tar czf "$OUT/suite.tgz" -C "$SCRATCH/pack" -T <(ls -A "$SCRATCH/pack") 2>>"$LOG"
-echo "=== packed $OUT/suite.tgz: $(tar tzf "$OUT/suite.tgz" | grep -vc /$) files, $(du -h "$OUT/suite.tgz" | cut -f1)" \
-  | tee -a "$LOG"
+# --- pack what was written, once more at the end ---
+pack
 
 failed=0 summary=""
 while read -r name rc; do  # an MNIST row's time box ends it by design: 124 from timeout (143 if its own SIGTERM)

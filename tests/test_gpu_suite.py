@@ -4,9 +4,11 @@ session to the next as checkpoint pieces, whose damage stops the mnist stage wit
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -204,6 +206,31 @@ def test_mnist_rows_that_finish_run_one_after_the_other(tmp_path):
     with tarfile.open(out / "suite.tgz") as archive:
         table = archive.extractfile("results/images/table2.md").read().decode()
     assert table.count("| mnist |") == 2 and "| LV-VAE, warm start (9360 steps of sigma-VAE) |" in table, table
+
+
+def test_a_call_cut_short_still_brings_back_the_rows_that_finished(tmp_path):
+    # The device tool kills a call at its limit: suite.tgz is rewritten after every finished row, so the first row's
+    # record comes back though the second row and the final packing never ran.
+    mnist = write_tiny_mnist(tmp_path / "mnist")
+    env = {**os.environ, "TINY": "1", "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
+           "SCRATCH": str(tmp_path / "scratch"), "CKPT_DIR": str(tmp_path / "ckpt"), "MNIST_DIR": str(mnist),
+           "CELEBA_DIR": str(tmp_path / "no_celeba"), "MNIST_ROW": "fixed learned", "MNIST_EPOCHS": "1"}
+    call = subprocess.Popen(["bash", "bench/gpu_suite.sh", "mnist"], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "out" / "suite.log"
+    try:
+        deadline = time.time() + 240
+        while "=== mnist_learned (time box" not in (log.read_text() if log.exists() else ""):
+            assert call.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        os.killpg(call.pid, signal.SIGKILL)
+        call.wait()
+    text = log.read_text()
+    assert "=== summary" not in text and re.search(r"^=== packed .*suite.tgz: \d+ files", text, re.M), text[-3000:]
+    with tarfile.open(tmp_path / "out" / "suite.tgz") as archive:
+        table = archive.extractfile("results/images/table2.md").read().decode()
+    assert table.count("| mnist |") == 1 and "| F-VAE (sigma=0.707) |" in table, table
 
 
 def test_unknown_stage_and_spent_budget(tmp_path):

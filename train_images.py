@@ -570,33 +570,45 @@ def evaluate(model, obs, test_pixels, args, device, k=1, images=None, generator=
     model.eval(), obs.eval()
     nll, pixels = likelihood(args, device), test_pixels[: images or len(test_pixels)]
     dims, n = pixels[0].numel(), len(pixels)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # table2, eight_bit; read once at the end (one sync)
-    bound = lambda data: iwae_bound(model, obs, data, k, generator, 3, nll) if k > 1 else elbo_terms(
-        model, obs, data, event_dims=3, nll=nll, eps=None if generator is None else torch.randn(
-            len(data), model.latent_dim, generator=generator, device=device))[2]
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # table2, eight_bit, KL, log sigma; one sync at the end
+
+    def bound(data, terms=False):
+        if k > 1:
+            return iwae_bound(model, obs, data, k, generator, 3, nll)
+        eps = None if generator is None else torch.randn(len(data), model.latent_dim, generator=generator,
+                                                         device=device)
+        _, kl, elbo, (_, log_sigma) = elbo_terms(model, obs, data, event_dims=3, nll=nll, eps=eps)
+        if terms:  # the bound's parts, by which a gap splits: the code's KL and the log sigma of Eq. 11's sum
+            sums[2] += kl.sum()
+            sums[3] += log_sigma.expand_as(data).sum()
+        return elbo
+
     batches = my_share(pixels).split(max(1, args.batch_size * 4 // k))
     quiet = desc is None or (dist.is_initialized() and dist.get_rank() > 0)
     with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for part in tqdm(batches, desc=desc, unit="batch", mininterval=2, leave=False, disable=quiet, file=sys.stdout):
             x = to_unit(part, device)
             if args.likelihood == "continuous":
-                sums[0] += bound(x).sum()  # log p(x) bound, x = pixel / 255
+                sums[0] += bound(x, terms=True).sum()  # log p(x) bound, x = pixel / 255
                 u = torch.rand(x.shape, generator=generator, device=device) if generator is not None else \
                     torch.rand_like(x)
                 sums[1] += bound(x + (u - 0.5) / 255).sum()  # dequantized
             else:
-                sums[1] += bound(x).sum()  # log P(pixels)
+                sums[1] += bound(x, terms=True).sum()  # log P(pixels)
     model.train(), obs.train()
     if dist.is_initialized():
         dist.all_reduce(sums)
-    sums = dict(zip(["table2", "eight_bit"], sums.tolist()))
+    sums = dict(zip(["table2", "eight_bit", "kl", "log_sigma"], sums.tolist()))
+    # One-sample ELBO only: the KL (nats/image) and the mean log sigma over pixels. Continuous likelihood:
+    # -ELBO = KL + dims (mean log sigma + 1/2 log 2 pi) + the sum of (x - mean)^2 / 2 sigma^2 (Eq. 11).
+    terms = {"kl_nats_per_image": sums["kl"] / n, "mean_log_sigma": sums["log_sigma"] / (n * dims)} if k == 1 else {}
     if args.likelihood == "continuous":
         return {"nats_per_image": sums["table2"] / n,
                 "table2_bits_per_pixel": bits_per_dim(sums["table2"] / n, dims),
-                "bits_per_dim_8bit": dequantized_bits_per_dim(sums["eight_bit"] / n, dims, bin_width=1 / 255)}
+                "bits_per_dim_8bit": dequantized_bits_per_dim(sums["eight_bit"] / n, dims, bin_width=1 / 255), **terms}
     # the discretized likelihood is a probability of 8-bit values, not a density on [0, 1]: no Table-2 figure
     return {"nats_per_image": sums["eight_bit"] / n, "table2_bits_per_pixel": None,
-            "bits_per_dim_8bit": -bits_per_dim(sums["eight_bit"] / n, dims)}
+            "bits_per_dim_8bit": -bits_per_dim(sums["eight_bit"] / n, dims), **terms}
 
 
 def image_grid(images, rows):

@@ -89,6 +89,33 @@ def test_one_training_step_per_sigma_mode(dataset, sigma):
         optimizer.step()
 
 
+@pytest.mark.parametrize("sigma", ["fixed", "learned-scalar", "learned", "optimal"])
+def test_the_evaluated_elbo_splits_into_kl_log_sigma_and_residuals(sigma):
+    # The one-sample bound's record carries its KL and mean log sigma, by which a generalisation gap splits (Eq. 11):
+    # -ELBO = KL + D (mean log sigma + 1/2 log 2 pi) + sum (x - mean)^2 / 2 sigma^2, the last part >= 0.
+    torch.manual_seed(0)
+    args = train_images.parse_args(["--sigma", sigma, "--batch-size", "4"])
+    model, obs = train_images.make_model(args)
+    pixels = torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8)
+    device = torch.device("cpu")
+    result = train_images.evaluate(model, obs, pixels, args, device, generator=torch.Generator().manual_seed(3))
+    x = pixels.float() / 255
+    eps = torch.randn(10, model.latent_dim, generator=torch.Generator().manual_seed(3))  # its first draw: one batch
+    model.eval(), obs.eval()
+    with torch.no_grad():
+        _, kl, elbo, (mean, log_sigma) = elbo_terms(model, obs, x, eps=eps, event_dims=3)
+    assert result["kl_nats_per_image"] == pytest.approx(kl.mean().item(), rel=1e-5)
+    assert result["mean_log_sigma"] == pytest.approx(log_sigma.expand_as(x).mean().item(), rel=1e-5, abs=1e-6)
+    assert result["nats_per_image"] == pytest.approx(elbo.mean().item(), rel=1e-5)
+    dims = x[0].numel()
+    residual = -result["nats_per_image"] - result["kl_nats_per_image"] - dims * (
+        result["mean_log_sigma"] + 0.5 * math.log(2 * math.pi))
+    by_hand = (((x - mean) ** 2) / (2 * torch.exp(2 * log_sigma))).sum((1, 2, 3)).mean().item()
+    assert residual == pytest.approx(by_hand, rel=1e-4) and residual > 0
+    iwae = train_images.evaluate(model, obs, pixels, args, device, k=3, generator=torch.Generator().manual_seed(3))
+    assert "kl_nats_per_image" not in iwae  # an importance-weighted bound has no such split
+
+
 def run(args, cwd=ROOT, timeout=600, env=None):
     """train_images.py in a subprocess; on the CPU (its behaviour under test) unless args name a device."""
     device = [] if "--device" in args else ["--device", "cpu"]

@@ -1,0 +1,64 @@
+"""bench/gap_terms.py: a run's generalisation gap split by Eq. 11 into the code's, sigma's and the residuals' parts."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from test_train_images import ROOT, run, tiny_flags, write_tiny_mnist
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """The last checkpoints of two one-epoch runs: LV-VAE and F-VAE."""
+    tmp_path = tmp_path_factory.mktemp("gap_terms")
+    data = write_tiny_mnist(tmp_path / "mnist")
+    paths = []
+    for sigma in ["learned", "fixed"]:
+        logdir = tmp_path / sigma
+        result = run(["--epochs", "1", "--sigma", sigma, *tiny_flags(logdir, data)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        (path,) = (logdir / "runs").glob("*/ckpt.pt")
+        paths.append(str(path))
+    return tmp_path, paths
+
+
+def gap_terms(*args):
+    return subprocess.run([sys.executable, "bench/gap_terms.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_parts_add_up_to_the_gap(checkpoints, tmp_path):
+    folder, paths = checkpoints
+    out = tmp_path / "gap_terms.md"
+    result = gap_terms(*paths, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith("# Where the generalisation gap lives") and f"--out {out}`" in text
+    rows = [line for line in text.splitlines() if line.startswith("| mnist |")]
+    assert [row.split(" | ")[1] for row in rows] == ["LV-VAE", "F-VAE (sigma=0.707)"]
+    for row in rows:
+        cells = row.split(" | ")
+        test, train, gap, kl, log_sigma, residual = (float(cell) for cell in cells[5:11])
+        assert gap == pytest.approx(train - test, abs=0.11) and gap == pytest.approx(kl + log_sigma + residual,
+                                                                                     abs=0.2)
+        means = [float(value) for value in re.findall(r"-?\d+\.\d+", cells[12])]
+        assert len(means) == 2 and all(-7 < value < 1 for value in means)
+    # A fixed sigma is the same on every image: no part of the gap is sigma's.
+    assert float(rows[1].split(" | ")[9]) == 0.0 and rows[1].split(" | ")[12] == "-0.347 / -0.347"
+
+
+def test_a_discretized_run_and_a_bad_file_are_refused_with_one_line(checkpoints, tmp_path):
+    folder, paths = checkpoints
+    data = write_tiny_mnist(tmp_path / "mnist")
+    result = run(["--epochs", "1", "--likelihood", "discretized", *tiny_flags(tmp_path, data)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (discretized,) = (tmp_path / "runs").glob("*/ckpt.pt")
+    result = gap_terms(paths[0], str(discretized), "--out", str(tmp_path / "t.md"))
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"error: {discretized} is a discretized-likelihood run: Eq. 11's split needs the continuous one; leave it out"]
+    missing = tmp_path / "absent.pt"
+    result = gap_terms(str(missing), "--out", str(tmp_path / "t.md"))
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1 and str(missing) in result.stderr
+    assert not (tmp_path / "t.md").exists()

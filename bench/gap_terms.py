@@ -5,14 +5,18 @@ the continuous likelihood Eq. 11 splits the bound, image by image, into three pa
     -ELBO = KL(q(z|x) || p(z)) + D (mean log sigma + 1/2 log 2 pi) + sum over pixels of (x - mean)^2 / 2 sigma^2,
 so the gap is the sum of the three parts' differences (test minus training): the code's (KL), sigma's (how much
 smaller sigma is on the training images) and the standardized residuals' (how much worse the mean fits the test
-images, in units of sigma). This loads each run's last checkpoint (ckpt.pt, the final model when the run finished),
-evaluates both bounds as train_images.py does (fp32, one sample, the same images; sigma-VAE with its training MSE)
-and writes the split.
+images, in units of sigma). This loads each run's last checkpoint
+(ckpt.pt, the final model when the run finished) and evaluates both bounds as train_images.py does (fp32, one
+sample, the same images; sigma-VAE with its training MSE); or it reads a runs.jsonl, whose records (those written
+since 2026-11-28) carry each bound's KL and mean log sigma, so that a run whose checkpoint is gone (a GPU's) splits
+too, with its record's own numbers.
 
     python bench/gap_terms.py runs/<run>/ckpt.pt [runs/<run>/ckpt.pt ...] --out results/images/gap_terms.md
+    python bench/gap_terms.py results/images/runs.jsonl --out /tmp/gap_terms.md
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -24,8 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_images  # noqa: E402  (its checkpoint reader, data, model and evaluation: the run's own)
 from common import hardware, write_file_atomically  # noqa: E402
 
+DIMS = {"mnist": 784, "celeba": 3 * 64 * 64}  # pixels an image
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("checkpoints", nargs="+", help="ckpt.pt files of train_images.py runs (continuous likelihood)")
+parser.add_argument("checkpoints", nargs="+", help="ckpt.pt files of train_images.py runs (continuous likelihood), "
+                    "or runs.jsonl files (each record that carries the split)")
 parser.add_argument("--out", required=True, help="the markdown table to write")
 parser.add_argument("--seed", type=int, default=1, help="seed of the bounds' noise (default 1, as the final record's)")
 
@@ -51,6 +57,7 @@ def measure(path, seed):
     model.load_state_dict(state["model"]), obs.load_state_dict(state["obs"])
     images = min(args.eval_images or 10000, len(test_pixels))
     if args.sigma == "optimal":  # evaluated with sigma^2 = its model's training MSE, as the run's record
+        torch.manual_seed(seed)  # that MSE's z are drawn from the global RNG
         train_images.set_optimal_sigma(model, obs, train_pixels, args, device)
     dims = test_pixels[0].numel()
     with torch.no_grad():
@@ -63,30 +70,52 @@ def measure(path, seed):
                 images=images, test=split(test, dims), train=split(seen, dims), path=path)
 
 
+def from_records(path):
+    """The runs recorded in a runs.jsonl with the split: continuous likelihood, each bound's KL and mean log sigma."""
+    try:
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: {path} is not a readable runs.jsonl ({e}); name a train_images.py record file")
+    rows = []
+    for number, run in enumerate(records, 1):
+        if run.get("likelihood") == "continuous" and "kl_nats_per_image" in run["final"] and \
+                "kl_nats_per_image" in run.get("final_train", {}):
+            dims = DIMS[run["dataset"]]
+            rows.append(dict(name=train_images.setting_name(run), dataset=run["dataset"], seed=run["seed"],
+                             epochs=run["epochs"], images="record", test=split(run["final"], dims),
+                             train=split(run["final_train"], dims), path=f"{path}, record {number}"))
+    return rows
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
-    started, rows = time.time(), [measure(path, args.seed) for path in args.checkpoints]
+    started = time.time()
+    rows = [row for path in args.checkpoints for row in
+            (from_records(path) if path.endswith(".jsonl") else [measure(path, args.seed)])]
+    command = f"python bench/gap_terms.py {' '.join(args.checkpoints)} --out {args.out}" + (
+        f" --seed {args.seed}" if args.seed != 1 else "")
     lines = [
         "# Where the generalisation gap lives: code, sigma or residuals (Eq. 11)",
         "",
-        f"Command: `python bench/gap_terms.py {' '.join(args.checkpoints)} --out {args.out}`" +
-        (f" --seed {args.seed}" if args.seed != 1 else ""),
+        f"Command: `{command}`",
         "",
-        f"Hardware: {hardware(torch.device('cpu'))}; {time.time() - started:.0f} s. Each run's last checkpoint, "
-        "evaluated in fp32 with one sample per image on its first test images and as many training images (its "
-        "record's count), with noise of its own seed: the figures repeat the record's gap up to that noise, not to "
-        "the digit. -ELBO = KL + D (mean log sigma + 1/2 log 2 pi) + residuals (sum of (x - mean)^2 / 2 sigma^2); the "
-        "gap (training ELBO minus test ELBO) = the test-minus-training difference of each part. nats/image.",
+        (f"Hardware: {hardware(torch.device('cpu'))}; {time.time() - started:.0f} s. Each run's last checkpoint, "
+         "evaluated in fp32 with one sample per image on its first test images and as many training images (its "
+         "record's count), with noise of its own seed: the figures repeat the record's gap up to that noise, not to "
+         "the digit; a row whose images column says record gives that run's record, its own numbers. "
+         "-ELBO = KL + D (mean log sigma + 1/2 log 2 pi) + residuals (sum of (x - mean)^2 / 2 sigma^2); the gap "
+         "(training ELBO minus test ELBO) = the test-minus-training difference of each part. nats/image."),
         "",
-        "| dataset | setting | seed | epochs | images | test ELBO | training ELBO | gap | its KL part | its log sigma part "
-        "| its residual part | KL, test / training | mean log sigma, test / training | residuals, test / training | "
-        "checkpoint |",
+        ("| dataset | setting | seed | epochs | images | test ELBO | training ELBO | gap | its KL part | its log sigma "
+         "part | its residual part | KL, test / training | mean log sigma, test / training | residuals, test / "
+         "training | checkpoint |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         (test_elbo, *test), (train_elbo, *train) = row["test"], row["train"]
         parts = [a - b for a, b in zip(test, train)]
-        dims = {"mnist": 784, "celeba": 3 * 64 * 64}[row["dataset"]]
+        dims = DIMS[row["dataset"]]
         log_sigma = [part / dims - 0.5 * math.log(2 * math.pi) for part in (test[1], train[1])]
         lines.append(
             f"| {row['dataset']} | {row['name']} | {row['seed']} | {row['epochs']} | {row['images']} | "

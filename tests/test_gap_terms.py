@@ -1,5 +1,6 @@
 """bench/gap_terms.py: a run's generalisation gap split by Eq. 11 into the code's, sigma's and the residuals' parts."""
 
+import json
 import re
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def gap_terms(*args):
 
 
 def test_the_parts_add_up_to_the_gap(checkpoints, tmp_path):
-    folder, paths = checkpoints
+    paths = checkpoints[1]
     out = tmp_path / "gap_terms.md"
     result = gap_terms(*paths, "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -49,8 +50,25 @@ def test_the_parts_add_up_to_the_gap(checkpoints, tmp_path):
     assert float(rows[1].split(" | ")[9]) == 0.0 and rows[1].split(" | ")[12] == "-0.347 / -0.347"
 
 
+def test_a_record_with_the_split_gives_its_own_numbers(checkpoints, tmp_path):
+    folder = checkpoints[0]
+    records = folder / "learned" / "out" / "runs.jsonl"
+    (run,) = [json.loads(line) for line in records.read_text().splitlines()]
+    out = tmp_path / "from_records.md"
+    result = gap_terms(str(records), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = [line for line in out.read_text().splitlines() if line.startswith("| mnist |")]
+    cells = row.split(" | ")
+    assert cells[1] == "LV-VAE" and cells[4] == "record" and cells[-1] == f"`{records}, record 1` |"
+    test, _, gap, kl, log_sigma, residual = (float(cell) for cell in cells[5:11])
+    assert test == pytest.approx(run["final"]["nats_per_image"], abs=0.051)
+    assert gap == pytest.approx(run["final_train"]["nats_per_image"] - run["final"]["nats_per_image"], abs=0.051)
+    assert kl == pytest.approx(run["final"]["kl_nats_per_image"] - run["final_train"]["kl_nats_per_image"], abs=0.051)
+    assert gap == pytest.approx(kl + log_sigma + residual, abs=0.2)
+
+
 def test_a_discretized_run_and_a_bad_file_are_refused_with_one_line(checkpoints, tmp_path):
-    folder, paths = checkpoints
+    paths = checkpoints[1]
     data = write_tiny_mnist(tmp_path / "mnist")
     result = run(["--epochs", "1", "--likelihood", "discretized", *tiny_flags(tmp_path, data)])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -61,4 +79,9 @@ def test_a_discretized_run_and_a_bad_file_are_refused_with_one_line(checkpoints,
     missing = tmp_path / "absent.pt"
     result = gap_terms(str(missing), "--out", str(tmp_path / "t.md"))
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1 and str(missing) in result.stderr
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"dataset": "mnist"\n')
+    result = gap_terms(str(broken), "--out", str(tmp_path / "t.md"))
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[0].startswith(
+        f"error: {broken} is not a readable runs.jsonl") and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "t.md").exists()

@@ -28,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_images  # noqa: E402  (its checkpoint reader, data, model and evaluation: the run's own)
 from common import hardware, write_file_atomically  # noqa: E402
 
-DIMS = {"mnist": 784, "celeba": 3 * 64 * 64}  # pixels an image
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("checkpoints", nargs="+", help="ckpt.pt files of train_images.py runs (continuous likelihood), "
                     "or runs.jsonl files (each record that carries the split)")
@@ -67,7 +66,7 @@ def measure(path, seed):
                                      generator=torch.Generator().manual_seed(seed))
     run = {**vars(args), "train_images": len(train_pixels)}
     return dict(name=train_images.setting_name(run), dataset=args.dataset, seed=args.seed, epochs=state["epoch"],
-                images=images, test=split(test, dims), train=split(seen, dims), path=path)
+                images=images, dims=dims, test=split(test, dims), train=split(seen, dims), path=path)
 
 
 def from_records(path):
@@ -81,9 +80,10 @@ def from_records(path):
     for number, run in enumerate(records, 1):
         if run.get("likelihood") == "continuous" and "kl_nats_per_image" in run["final"] and \
                 "kl_nats_per_image" in run.get("final_train", {}):
-            dims = DIMS[run["dataset"]]
+            shape = train_images.ARCHITECTURES[run["dataset"]]
+            dims = shape["channels"] * shape["size"] ** 2
             rows.append(dict(name=train_images.setting_name(run), dataset=run["dataset"], seed=run["seed"],
-                             epochs=run["epochs"], images="record", test=split(run["final"], dims),
+                             epochs=run["epochs"], images="record", dims=dims, test=split(run["final"], dims),
                              train=split(run["final_train"], dims), path=f"{path}, record {number}"))
     return rows
 
@@ -115,8 +115,7 @@ def main(argv=None):
     for row in rows:
         (test_elbo, *test), (train_elbo, *train) = row["test"], row["train"]
         parts = [a - b for a, b in zip(test, train)]
-        dims = DIMS[row["dataset"]]
-        log_sigma = [part / dims - 0.5 * math.log(2 * math.pi) for part in (test[1], train[1])]
+        log_sigma = [part / row["dims"] - 0.5 * math.log(2 * math.pi) for part in (test[1], train[1])]
         lines.append(
             f"| {row['dataset']} | {row['name']} | {row['seed']} | {row['epochs']} | {row['images']} | "
             f"{test_elbo:.1f} | {train_elbo:.1f} | {train_elbo - test_elbo:.1f} | {parts[0]:.1f} | {parts[1]:.1f} | "

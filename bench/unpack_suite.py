@@ -68,8 +68,8 @@ def unpack(archives, root="."):
                 if os.path.exists(target):
                     with open(target) as f:
                         held = f.read()
-                known = {line.strip() for line in held.splitlines()}
-                new = [line.strip() for line in data.decode().splitlines() if line.strip() not in known | {""}]
+                known = {line.strip() for line in held.splitlines()} | {""}  # "": blank lines are no records
+                new = [line.strip() for line in data.decode().splitlines() if line.strip() not in known]
                 if held and not held.endswith("\n"):
                     held += "\n"
                 write_bytes(target, (held + "".join(line + "\n" for line in new)).encode())

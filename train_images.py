@@ -7,6 +7,7 @@
     python train_images.py --dataset celeba --sigma learned --data-dir data/celeba
     python train_images.py --resume runs/<run>/ckpt.pt --epochs 20     # continue a run exactly where it stopped
     python train_images.py --epochs 1000 --eval-every 25 --out results/images   # a Table 2 row, recorded
+    python train_images.py --dataset celeba --data-dir data/celeba --valid-images 10000   # + early stopping
     torchrun --nproc_per_node 4 train_images.py --dataset celeba --data-dir data/celeba   # 4 GPUs, DDP
     tensorboard --logdir runs
 
@@ -39,6 +40,7 @@ exactly, and exits with 128 + signal.
 """
 
 import argparse
+import copy
 import datetime
 import json
 import math
@@ -167,6 +169,11 @@ parser.add_argument("--eval-images", type=int, help="test images for the ELBO ea
 parser.add_argument("--iwae-k", type=int, default=100, help="importance samples of the final IWAE bound (default 100)")
 parser.add_argument("--iwae-images", type=int, help="test images for the final IWAE bound (default 1,000, at most "
                     "--eval-images)")
+parser.add_argument("--valid-images", type=int, help="early stopping, ours: with every evaluation also the one-sample "
+                    "ELBO of this many validation images, and the weights where it was highest kept (in ckpt.pt); at "
+                    "the end their test bounds, in fp32, beside the last epoch's. CelebA: the first N of the split "
+                    "file's validation images; MNIST, which has none: the last N of its training images, held out "
+                    "of training (before --max-train-images). Default: none")
 parser.add_argument("--log-every", type=int, default=50, help="steps between logged training lines and TensorBoard "
                     "points (default 50; the first step and each epoch's last are always logged)")
 parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto: cuda if present")
@@ -215,7 +222,8 @@ def parse_args(argv=None):
         parser.error("--celeba-extra-train names the --celeba-images folder itself; name another folder or drop it")
     if args.device == "cpu" and args.compile in ("reduce-overhead", "whole-step"):
         parser.error(f"--compile {args.compile} records CUDA graphs; on the CPU use --compile default or none")
-    for key in ["epochs", "batch_size", "eval_images", "iwae_k", "iwae_images", "log_every", "eval_every"]:
+    for key in ["epochs", "batch_size", "eval_images", "iwae_k", "iwae_images", "log_every", "eval_every",
+                "valid_images"]:
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
     if args.max_train_images is not None and args.max_train_images < args.batch_size:
@@ -674,15 +682,17 @@ def command_line(launcher, argv):
 
 def setting_name(run):
     """Table 2's name of a run's setting (run: a record or vars(args)): F-VAE (sigma=0.707), LS-VAE, LV-VAE, LV-VAE,
-    warm start (N steps[ of sigma-VAE][, head at the MSE's sigma][, fresh Adam]), sigma-VAE[, + FOLDER faces]. Runs
-    recorded before --lv-fresh-adam, --lv-warmup-sigma, --lv-handover-sigma and --celeba-extra-train existed had none
-    of them."""
+    warm start (N steps[ of sigma-VAE][, head at the MSE's sigma][, fresh Adam]), sigma-VAE[, + FOLDER faces][, N
+    held out] (MNIST's --valid-images, taken from its training images). Runs recorded before --lv-fresh-adam,
+    --lv-warmup-sigma, --lv-handover-sigma, --celeba-extra-train and --valid-images existed had none of them."""
     name = SIGMA_NAMES[run["sigma"]] + (f" (sigma={run['sigma_value']:.3g})" if run["sigma"] == "fixed" else "")
     if run.get("lv_warmup"):
         warm = " of sigma-VAE" if run.get("lv_warmup_sigma") == "optimal" else ""
         warm += ", head at the MSE's sigma" if run.get("lv_handover_sigma") == "mse" else ""
         name += f", warm start ({run['lv_warmup']} steps{warm}{', fresh Adam' if run.get('lv_fresh_adam') else ''})"
-    return name + (f", + {run['celeba_extra_train']} faces" if run.get("celeba_extra_train") else "")
+    name += f", + {run['celeba_extra_train']} faces" if run.get("celeba_extra_train") else ""
+    held_out = run.get("valid_images") and run["dataset"] == "mnist"
+    return name + (f", {run['valid_images']} held out" if held_out else "")
 
 
 def paper_value(run):
@@ -720,15 +730,17 @@ FIGURE_KINDS = ["reconstructions", "generations"]
 
 def figure_stem(run):
     """A run's figures are <stem>_reconstructions.png and <stem>_generations.png: named by dataset, sigma, likelihood,
-    epochs and seed (none for seed 0), so that a run of another length or seed keeps the others' figures."""
+    epochs, --valid-images and seed (none for seed 0), so that a run of another length or seed keeps the others'
+    figures. They are the last epoch's model's, with or without --valid-images."""
     seed = run_seed(run)
     warm = ("_warmstart" + ("-optimal" if run.get("lv_warmup_sigma") == "optimal" else "")
             + ("-msehead" if run.get("lv_handover_sigma") == "mse" else "")
             + ("-freshadam" if run.get("lv_fresh_adam") else "")) if run.get("lv_warmup") else ""
     extra = f"_plus-{os.path.basename(os.path.normpath(run['celeba_extra_train']))}" \
         if run.get("celeba_extra_train") else ""
+    valid = f"_valid{run['valid_images']}" if run.get("valid_images") else ""
     return f"{run['dataset']}_{run['sigma']}{warm}_{run['likelihood']}_" \
-        f"{run['epochs']}ep{extra}" + (f"_seed{seed}" if seed else "")
+        f"{run['epochs']}ep{extra}{valid}" + (f"_seed{seed}" if seed else "")
 
 
 def figure_cell(run, out):
@@ -779,6 +791,44 @@ def over_seeds(runs):
          "| IWAE-k, Table-2 bits/pixel "
          "| ELBO, 8-bit bits/dim | IWAE-k, 8-bit bits/dim | ELBO, nats/image | reconstruction PSNR, dB "
          "| gap, nats/image | command, without --seed |"),
+        "|" + "---|" * 14,
+        *lines,
+    ]
+
+
+def selected_on_validation(runs):
+    """Table 2's runs with --valid-images: the epoch whose validation ELBO was highest and the test bounds of its
+    weights beside the last epoch's (the main table's)."""
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
+    lines = []
+    for run in runs:
+        if "selected" not in run:
+            continue
+        chosen = run["selected"]
+        pair = lambda bound, key: f"{fmt(chosen[bound][key])} ({fmt(run[bound][key])})"
+        gap = lambda bounds: bounds["final_train"]["nats_per_image"] - bounds["final"]["nats_per_image"]
+        lines.append(
+            f"| {run['dataset']} | {setting_name(run)} | {run['likelihood']} | {run_seed(run)} | {run['epochs']} "
+            f"| {run['valid_images']} | {chosen['epoch']} of {len(chosen['curve'])} evaluated "
+            f"| {fmt(chosen['valid']['nats_per_image'])} "
+            f"| {pair('final', 'table2_bits_per_pixel')} | {pair('iwae', 'table2_bits_per_pixel')} "
+            f"| {pair('final', 'bits_per_dim_8bit')} | {pair('iwae', 'bits_per_dim_8bit')} "
+            f"| {fmt(gap(chosen))} ({fmt(gap(run))}) | `{run['command']}` |")
+    if not lines:
+        return []
+    return [
+        "",
+        "## Selected on validation (--valid-images; ours)",
+        "",
+        ("Early stopping by the validation ELBO: at every evaluated epoch the run also took the one-sample ELBO of its "
+         "validation images (CelebA: the split file's; MNIST: the last N training images, held out of training), "
+         "and kept the weights where it was highest. Each cell: the test bound of those weights, then in brackets the "
+         "last epoch's (the main table's), drawn with the same noise, so that the two differ by the weights alone. "
+         "Validation ELBO in nats per image (bf16 on a GPU, as every per-epoch evaluation); other units as above."),
+        "",
+        ("| dataset | setting | likelihood | seed | epochs | validation images | selected epoch "
+         "| validation ELBO there, nats/image | ELBO, Table-2 bits/pixel | IWAE-k, Table-2 bits/pixel "
+         "| ELBO, 8-bit bits/dim | IWAE-k, 8-bit bits/dim | gap, nats/image | command |"),
         "|" + "---|" * 14,
         *lines,
     ]
@@ -842,7 +892,7 @@ def write_table2(out):
             f"| {fmt(iwae['bits_per_dim_8bit'])} | {fmt(train_gap(run))} | {run['iwae_k']}, {run['iwae_images']} "
             f"| {run['sigma_summary']} | {fmt(run.get('psnr_db'))} | {fmt(run.get('edge_sigma_ratio'))} "
             f"| {wall} | {run['hardware']} | {paper_value(run)} | {figure_cell(run, out)} | `{run['command']}` |")
-    lines += over_seeds(runs)
+    lines += over_seeds(runs) + selected_on_validation(runs)
     write_file_atomically(os.path.join(out, "table2.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
 
@@ -895,17 +945,28 @@ def read_resume(args, device):
 
 
 def load_data(args, local_rank, world_size, device):
-    """Training and test images, uint8 on the training device. Local rank 0 of each machine reads first (it may
-    download MNIST or build CelebA's cache), the others after it."""
-    error = None
+    """Training, validation (None without --valid-images) and test images, uint8 on the training device. Local rank 0
+    of each machine reads first (it may download MNIST or build CelebA's cache), the others after it."""
+    error, valid_pixels = None, None
     for turn in range(2 if world_size > 1 else 1):
         if (local_rank == 0) == (turn == 0):
             try:
                 train_pixels, test_pixels = load_split(args, "train"), load_split(args, "test")
+                if args.valid_images and args.dataset == "mnist":  # no validation split: the last training images
+                    if args.valid_images > len(train_pixels) - args.batch_size * world_size:
+                        raise DataError(f"error: --valid-images {args.valid_images} leaves fewer than one global "
+                                        f"batch of MNIST's {len(train_pixels)} training images; lower it")
+                    train_pixels, valid_pixels = train_pixels.split(len(train_pixels) - args.valid_images)
+                elif args.valid_images:
+                    try:
+                        valid_pixels = load_split(args, "valid")[: args.valid_images]
+                    except DataError as failure:
+                        raise DataError(f"{failure}; or drop --valid-images")
             except DataError as failure:
                 error = str(failure)
         stop_together(error, device)
-    return train_pixels[: args.max_train_images].to(device), test_pixels.to(device)
+    valid_pixels = None if valid_pixels is None else valid_pixels.to(device)
+    return train_pixels[: args.max_train_images].to(device), valid_pixels, test_pixels.to(device)
 
 
 def restore(state, args, model, obs, optimizer, data_generator, device):
@@ -924,7 +985,7 @@ def restore(state, args, model, obs, optimizer, data_generator, device):
 
 
 def announce(args, model, train_pixels, test_pixels, steps_per_epoch, eval_images, iwae_images, world_size, device,
-             run_dir):
+             run_dir, valid_pixels=None):
     """The start-up lines: what trains on what, how, and what the evaluation will cost."""
     kernel = lambda compiled: "PyTorch" if likelihood(args, device, compiled) is gaussian_nll else "fused Triton kernel"
     nll_path = "discretized" if args.likelihood == "discretized" else \
@@ -945,6 +1006,31 @@ def announce(args, model, train_pixels, test_pixels, steps_per_epoch, eval_image
     print(f"train_images: evaluation every {args.eval_every} epoch(s): the ELBO of {eval_images} test images and as "
           f"many training images; at the end, in fp32: the same, and IWAE-{args.iwae_k} of {iwae_images} test images "
           f"({args.iwae_k * iwae_images:,} decoder passes{twice}); --eval-images and --iwae-images change this")
+    if valid_pixels is not None:
+        where = "the last training images, held out" if args.dataset == "mnist" else "the split file's"
+        print(f"train_images: early stopping: each evaluation also takes the ELBO of {len(valid_pixels)} validation "
+              f"images ({where}) and keeps the weights where it is highest; their test bounds come at the end")
+
+
+def evaluate_selected(selection, model, obs, last, pixels, args, device, eval_images, iwae_images):
+    """--valid-images: the final bounds (test ELBO, IWAE, training-image ELBO; fp32) of the weights with the highest
+    validation ELBO, drawn with the same noise as the last epoch's `last` (final, iwae, seen), so the two differ by
+    the weights alone; `last` itself where the best epoch is the last. Returns the record's "selected" entry."""
+    best = selection["best"]
+    bounds = last
+    if best["epoch"] != args.epochs:
+        best_model, best_obs = copy.deepcopy(model), copy.deepcopy(obs)
+        best_model.load_state_dict(best["model"]), best_obs.load_state_dict(best["obs"])
+        (test_pixels, train_pixels), rank = pixels, dist.get_rank() if dist.is_initialized() else 0
+        generator = torch.Generator(device).manual_seed(1 + rank)  # as for the last epoch's bounds
+        bounds = (evaluate(best_model, best_obs, test_pixels, args, device, images=eval_images, generator=generator,
+                           desc=f"selected epoch {best['epoch']}: final ELBO"),
+                  evaluate(best_model, best_obs, test_pixels, args, device, k=args.iwae_k, images=iwae_images,
+                           generator=generator, desc=f"selected epoch {best['epoch']}: IWAE-{args.iwae_k}"),
+                  evaluate(best_model, best_obs, train_pixels, args, device, images=eval_images, generator=generator,
+                           desc=f"selected epoch {best['epoch']}: final ELBO, training images"))
+    return {"epoch": best["epoch"], "step": best["step"], "valid": best["valid"], "curve": selection["curve"],
+            **dict(zip(["final", "iwae", "final_train"], bounds))}
 
 
 def append_run(out, record):
@@ -1031,7 +1117,7 @@ def main(args):
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
 
     # --- data ---
-    train_pixels, test_pixels = load_data(args, local_rank, world_size, device)
+    train_pixels, valid_pixels, test_pixels = load_data(args, local_rank, world_size, device)
     global_batch = args.batch_size * world_size
     steps_per_epoch = len(train_pixels) // global_batch  # the last partial batch sits each epoch out
     if steps_per_epoch == 0:
@@ -1044,10 +1130,13 @@ def main(args):
     model, obs, step_module, optimizer = build(args, device, world_size)
     data_generator = torch.Generator().manual_seed(args.seed)
     start_epoch, step, position, seconds_before, test = 0, 0, 0, 0.0, None
+    # --valid-images: every evaluated epoch's validation ELBO and the weights where it was highest (on the CPU)
+    selection = None if valid_pixels is None else {"curve": [], "best": None}
     run_dir = os.path.join(args.logdir, run_name("train_images", args.dataset, args.sigma, args.seed))
     if state is not None:
         start_epoch, step, position, seconds_before, test = restore(state, args, model, obs, optimizer,
                                                                     data_generator, device)
+        selection = state.get("selection", selection)
         run_dir = os.path.dirname(os.path.abspath(args.resume))
     checkpoint_path, last_checkpoint = os.path.join(run_dir, "ckpt.pt"), state and f"{args.resume} (step {step})"
     guard = NanGuard(optimizer, step, device)
@@ -1062,7 +1151,7 @@ def main(args):
         os.makedirs(run_dir, exist_ok=True)
         writer = make_writer(run_dir, args)
         announce(args, model, train_pixels, test_pixels, steps_per_epoch, eval_images, iwae_images, world_size,
-                 device, run_dir)
+                 device, run_dir, valid_pixels)
 
     def save(epoch, position, data_rng):
         """ckpt.pt (rank 0): resuming from it draws epoch `epoch`'s order from data_rng and skips `position` images."""
@@ -1073,7 +1162,7 @@ def main(args):
                 "args": {k: v for k, v in vars(args).items() if k != "resume"},
                 "data_rng": data_rng, "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, "test": test,
-                "wall_seconds": seconds_before + time.time() - started})
+                "selection": selection, "wall_seconds": seconds_before + time.time() - started})
         return f"{checkpoint_path} (step {step})"
 
     def sync(epoch, where, position, data_rng):
@@ -1139,8 +1228,20 @@ def main(args):
                 seen = evaluate(model, obs, train_pixels, args, device, images=eval_images, bf16=args.dtype == "bf16",
                                 generator=torch.Generator(device).manual_seed(1 + rank),  # training noise untouched
                                 desc=f"evaluating epoch {epoch + 1}, training images")
+                valid = None if selection is None else evaluate(
+                    model, obs, valid_pixels, args, device, bf16=args.dtype == "bf16",
+                    generator=torch.Generator(device).manual_seed(2 + rank), desc=f"evaluating epoch {epoch + 1}, "
+                    "validation images")
+            if valid is not None:  # the same value on every rank (all-reduced): they keep the same weights
+                selection["curve"].append([epoch + 1, valid["nats_per_image"]])
+                best = selection["best"]
+                if best is None or valid["nats_per_image"] > best["valid"]["nats_per_image"]:
+                    on_cpu = lambda module: {key: value.detach().to("cpu", copy=True)
+                                             for key, value in module.state_dict().items()}
+                    selection["best"] = {"epoch": epoch + 1, "step": step, "valid": valid, "model": on_cpu(model),
+                                         "obs": on_cpu(obs)}
             if rank == 0:
-                for prefix, values in [("eval", test), ("eval_train", seen)]:  # test images; as many training ones
+                for prefix, values in [("eval", test), ("eval_train", seen), ("eval_valid", valid or {})]:
                     for key, value in values.items():
                         if value is not None:
                             writer.add_scalar(f"{prefix}/{key}", value, step)
@@ -1149,7 +1250,9 @@ def main(args):
                     writer.add_image(f"eval/{tag}", grid, step, dataformats="HWC")
                 log_sigma_stats(writer, "eval", log_sigma, step)
                 print(f"epoch {epoch + 1}: test ELBO {test['nats_per_image']:.2f} nats/image (on as many training "
-                      f"images: {seen['nats_per_image']:.2f}), 8-bit {test['bits_per_dim_8bit']:.3f} bits/dim")
+                      f"images: {seen['nats_per_image']:.2f}), 8-bit {test['bits_per_dim_8bit']:.3f} bits/dim"
+                      + ("" if valid is None else f"; validation ELBO {valid['nats_per_image']:.2f} (best: epoch "
+                         f"{selection['best']['epoch']})"))
             last_checkpoint = save(epoch + 1, 0, data_generator.get_state())
         sync(epoch + 1, f"epoch {epoch + 1}", 0, data_generator.get_state())
     train_seconds = seconds_before + time.time() - started
@@ -1161,13 +1264,16 @@ def main(args):
                     desc=f"final IWAE-{args.iwae_k}")
     seen = evaluate(model, obs, train_pixels, args, device, images=eval_images, generator=generator,
                     desc="final ELBO, training images")  # the same bound on as many training images: the gap
+    selected = None if selection is None else evaluate_selected(
+        selection, model, obs, (final, iwae, seen), (test_pixels, train_pixels), args, device, eval_images, iwae_images)
     if rank == 0:
         writer.close()
         record = dict(train_images=len(train_pixels), iwae_images=iwae_images, train_minutes=train_seconds / 60,
                       wall_minutes=(seconds_before + time.time() - started) / 60, processes=world_size,
                       batch_size=args.batch_size * world_size,
                       hardware=hardware(device) if world_size == 1 else f"{world_size} x {hardware(device)}",
-                      command=command, run_dir=inside_repository(run_dir), final_train=seen)
+                      command=command, run_dir=inside_repository(run_dir), final_train=seen,
+                      **({} if selected is None else {"valid_images": len(valid_pixels), "selected": selected}))
         record_run(args, model, obs, test_pixels, final, iwae, record, args.out or run_dir, device)
 
 

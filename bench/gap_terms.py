@@ -9,7 +9,8 @@ images, in units of sigma). This loads each run's last checkpoint
 (ckpt.pt, the final model when the run finished) and evaluates both bounds as train_images.py does (fp32, one
 sample, the same images; sigma-VAE with its training MSE); or it reads a runs.jsonl, whose records (those written
 since 2026-11-28) carry each bound's KL and mean log sigma, so that a run whose checkpoint is gone (a GPU's) splits
-too, with its record's own numbers.
+too, with its record's own numbers, and so does a run's epoch selected on the validation ELBO (--valid-images), as a
+row of its own.
 
     python bench/gap_terms.py runs/<run>/ckpt.pt [runs/<run>/ckpt.pt ...] --out results/images/gap_terms.md
     python bench/gap_terms.py results/images/runs.jsonl --out /tmp/gap_terms.md
@@ -51,7 +52,7 @@ def measure(path, seed):
                          "one; leave it out")
     device = torch.device("cpu")
     args.dtype, args.compile = "fp32", "none"
-    train_pixels, test_pixels = train_images.load_data(args, 0, 1, device)
+    train_pixels, _, test_pixels = train_images.load_data(args, 0, 1, device)
     model, obs = train_images.make_model(args)
     model.load_state_dict(state["model"]), obs.load_state_dict(state["obs"])
     images = min(args.eval_images or 10000, len(test_pixels))
@@ -85,6 +86,10 @@ def from_records(path):
             rows.append(dict(name=train_images.setting_name(run), dataset=run["dataset"], seed=run["seed"],
                              epochs=run["epochs"], images="record", dims=dims, test=split(run["final"], dims),
                              train=split(run["final_train"], dims), path=f"{path}, record {number}"))
+            chosen = run.get("selected")  # --valid-images: the weights with the best validation ELBO, if not the last
+            if chosen and chosen["epoch"] != run["epochs"]:
+                rows.append({**rows[-1], "epochs": f"{chosen['epoch']} (selected on validation)",
+                             "test": split(chosen["final"], dims), "train": split(chosen["final_train"], dims)})
     return rows
 
 

@@ -67,6 +67,26 @@ def test_a_record_with_the_split_gives_its_own_numbers(checkpoints, tmp_path):
     assert gap == pytest.approx(kl + log_sigma + residual, abs=0.2)
 
 
+def test_a_record_selected_on_validation_splits_its_selected_epoch_too(checkpoints, tmp_path):
+    (run,) = [json.loads(line) for line in (checkpoints[0] / "learned" / "out" / "runs.jsonl").read_text().splitlines()]
+    shifted = lambda bound: {**bound, "nats_per_image": bound["nats_per_image"] - 10.0,
+                             "kl_nats_per_image": bound["kl_nats_per_image"] + 10.0}  # 10 more nats of code
+    last_selected = {**run, "selected": {"epoch": 1, "final": run["final"], "final_train": run["final_train"]}}
+    earlier = {**run, "epochs": 3, "selected": {"epoch": 2, "final": shifted(run["final"]),
+                                                 "final_train": run["final_train"]}}
+    records = tmp_path / "runs.jsonl"
+    records.write_text(json.dumps(last_selected) + "\n" + json.dumps(earlier) + "\n")
+    out = tmp_path / "selected.md"
+    result = gap_terms(str(records), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| mnist |")]
+    assert [row[3] for row in rows] == ["1", "3", "2 (selected on validation)"]  # a last-epoch selection adds no row
+    gap = lambda row: float(row[7])
+    assert gap(rows[2]) == pytest.approx(gap(rows[1]) + 10.0, abs=0.11)
+    assert float(rows[2][8]) == pytest.approx(float(rows[1][8]) + 10.0, abs=0.11)  # all of it the KL's part
+    assert float(rows[2][9]) == float(rows[1][9]) and float(rows[2][10]) == float(rows[1][10])
+
+
 def test_a_discretized_run_and_a_bad_file_are_refused_with_one_line(checkpoints, tmp_path):
     paths = checkpoints[1]
     data = write_tiny_mnist(tmp_path / "mnist")

@@ -11,6 +11,7 @@ comparisons run as concurrent processes, so that the file stays within ~2 minute
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -68,15 +69,16 @@ def test_kernel_matches_float64_reference(shape, dtype, channels_last):
 
 
 def test_default_run_reaches_the_fp32_test_elbo_and_resumes_across_configurations(tmp_path):
-    # LV-VAE, 2 epochs of 16 steps of 32 images on MNIST-format data, evaluated after each (so the whole-step graph
-    # replays after an evaluation), then the final ELBO on 64 test images: the defaults on a GPU
-    # (bf16, the whole step as one CUDA graph) and --compile reduce-overhead against --dtype fp32 --compile none.
+    # LV-VAE, 2 epochs of 14 steps of 32 images on MNIST-format data (64 of its 512 held out for --valid-images),
+    # evaluated after each (so the whole-step graph replays after an evaluation), then the final ELBO on 64 test
+    # images: the defaults on a GPU (bf16, the whole step as one CUDA graph) and --compile reduce-overhead against
+    # --dtype fp32 --compile none.
     # Measured on an H200 at one epoch: 0.11-0.25 nat/image apart; on the CPU another seed lands ~4 nats away.
     # Tolerance 0.5.
     data = write_tiny_mnist(tmp_path / "mnist", n_train=512, n_test=64)
     flags = lambda name: ["--epochs", "2", "--batch-size", "32", "--eval-images", "64", "--iwae-k", "2",
                           "--iwae-images", "8", "--data-dir", str(data), "--logdir", str(tmp_path / name / "runs"),
-                          "--out", str(tmp_path / name / "out"), "--device", "cuda"]
+                          "--out", str(tmp_path / name / "out"), "--device", "cuda", "--valid-images", "64"]
     configurations = {"fp32": ["--dtype", "fp32", "--compile", "none"], "default": [],
                       "reduce-overhead": ["--compile", "reduce-overhead"]}
     runs = dict(zip(configurations, side_by_side([[*flags(name), *other] for name, other in configurations.items()])))
@@ -95,6 +97,10 @@ def test_default_run_reaches_the_fp32_test_elbo_and_resumes_across_configuration
                                                    ("default", "fp32")]])
     for process in resumed:
         assert process.returncode == 0, process.stderr[-3000:]
+    for name in configurations:  # early stopping's weights, kept on the CPU, evaluated again on the GPU at the end
+        (record,) = [json.loads(line) for line in (tmp_path / name / "out" / "runs.jsonl").read_text().splitlines()]
+        assert [epoch for epoch, _ in record["selected"]["curve"]] == [1, 2]
+        assert math.isfinite(record["selected"]["iwae"]["nats_per_image"]) and record["train_images"] == 448
 
 
 def side_by_side(commands):

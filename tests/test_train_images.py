@@ -269,6 +269,8 @@ def test_table_2_gathers_the_seeds_of_a_row(tmp_path):
      "--lv-handover-sigma mse is what --lv-warmup-sigma optimal does already"),
     (["--celeba-extra-train", "img_align_celeba_89x109"], "--celeba-extra-train adds CelebA training images"),
     (["--dataset", "celeba", "--celeba-extra-train", "img_align_celeba/"], "names the --celeba-images folder itself"),
+    (["--valid-images", "0"], "--valid-images must be >= 1"),
+    (["--resume", "x.pt", "--valid-images", "5"], "drop --valid-images"),
 ])
 def test_contradictory_flags_are_refused(flags, message):
     result = run(flags)
@@ -948,3 +950,113 @@ def test_warm_start_run_hands_over_at_its_step_and_records_its_row(tmp_path, fla
     assert (tmp_path / "out" / f"mnist_learned_{stem}_continuous_2ep_seed1_reconstructions.png").exists()
     result = run(["--sigma", "fixed", "--lv-warmup", "4"])
     assert result.returncode == 2 and "--lv-warmup goes with --sigma learned only" in result.stderr
+
+
+# --- early stopping on the validation ELBO (--valid-images; ours) ---
+
+
+def test_mnist_validation_images_are_its_last_training_images_held_out(tmp_path):
+    data = write_tiny_mnist(tmp_path / "mnist", n_train=256)
+    flags = ["--data-dir", str(data), "--batch-size", "64"]
+    full = train_images.load_split(train_images.parse_args(flags), "train")
+    args = train_images.parse_args([*flags, "--valid-images", "64", "--max-train-images", "128"])
+    train, valid, test = train_images.load_data(args, 0, 1, torch.device("cpu"))
+    assert torch.equal(valid, full[192:]) and torch.equal(train, full[:128]) and len(test) == 48
+    assert train_images.load_data(train_images.parse_args(flags), 0, 1, torch.device("cpu"))[1] is None
+    with pytest.raises(SystemExit, match=r"^error: --valid-images 200 leaves fewer than one global batch of MNIST's "
+                                         r"256 training images; lower it$"):
+        train_images.load_data(train_images.parse_args([*flags, "--valid-images", "200"]), 0, 1, torch.device("cpu"))
+
+
+def test_celeba_validation_images_come_from_the_split_file(tmp_path):
+    from test_data import tiny_celeba
+
+    tiny_celeba(tmp_path / "celeba", splits=(0, 0, 0, 1, 1, 2))
+    flags = ["--dataset", "celeba", "--data-dir", str(tmp_path / "celeba"), "--cache-dir", str(tmp_path / "cache"),
+             "--batch-size", "2"]
+    args = train_images.parse_args([*flags, "--valid-images", "1"])
+    train, valid, test = train_images.load_data(args, 0, 1, torch.device("cpu"))
+    assert (len(train), len(test)) == (3, 1) and torch.equal(valid, train_images.load_split(args, "valid")[:1])
+    # "at most N": a folder with fewer validation images gives what it has; one with none stops with one line
+    assert len(train_images.load_data(train_images.parse_args([*flags, "--valid-images", "9"]), 0, 1,
+                                      torch.device("cpu"))[1]) == 2
+    tiny_celeba(tmp_path / "no_valid", splits=(0, 0, 0, 2))
+    args = train_images.parse_args(["--dataset", "celeba", "--data-dir", str(tmp_path / "no_valid"), "--batch-size",
+                                    "2", "--valid-images", "5"])
+    with pytest.raises(SystemExit, match=r"^error: none of the valid images .* or drop --valid-images$"):
+        train_images.load_data(args, 0, 1, torch.device("cpu"))
+
+
+def test_the_selected_weights_are_evaluated_with_the_last_epochs_noise():
+    args = train_images.parse_args(["--device", "cpu", "--eval-images", "8", "--iwae-k", "2", "--iwae-images", "4",
+                                    "--epochs", "3"])
+    train_images.resolve_defaults(args, torch.device("cpu"), 1)
+    torch.manual_seed(0)
+    model, obs, _, _ = train_images.build(args, torch.device("cpu"))
+    pixels = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    on_cpu = lambda module: {key: value.clone() for key, value in module.state_dict().items()}
+    best = {"epoch": 2, "step": 7, "valid": {"nats_per_image": -1.0}, "model": on_cpu(model), "obs": on_cpu(obs)}
+    with torch.no_grad():  # the last epoch's weights differ from the selected ones
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+
+    def bounds(model, obs):
+        generator = torch.Generator().manual_seed(1)
+        return (train_images.evaluate(model, obs, pixels, args, torch.device("cpu"), images=8, generator=generator),
+                train_images.evaluate(model, obs, pixels, args, torch.device("cpu"), k=2, images=4,
+                                      generator=generator),
+                train_images.evaluate(model, obs, pixels[8:], args, torch.device("cpu"), images=8,
+                                      generator=generator))
+
+    last, before = bounds(model, obs), on_cpu(model)
+    selection = {"curve": [[1, -3.0], [2, -1.0], [3, -2.0]], "best": best}
+    selected = train_images.evaluate_selected(selection, model, obs, last, (pixels, pixels[8:]), args,
+                                              torch.device("cpu"), 8, 4)
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())  # left as it was
+    reference_model, reference_obs = train_images.make_model(args)
+    reference_model.load_state_dict(best["model"]), reference_obs.load_state_dict(best["obs"])
+    expected = bounds(reference_model, reference_obs)
+    assert [selected[key] for key in ["final", "iwae", "final_train"]] == list(expected)
+    assert selected["final"] != last[0] and (selected["epoch"], selected["step"]) == (2, 7)
+    assert selected["curve"] == selection["curve"]
+    # the best epoch is the last: its bounds are the last epoch's, not evaluated again
+    selection["best"] = {**best, "epoch": 3}
+    selected = train_images.evaluate_selected(selection, model, obs, last, (pixels, pixels[8:]), args,
+                                              torch.device("cpu"), 8, 4)
+    assert (selected["final"], selected["iwae"], selected["final_train"]) == tuple(last)
+
+
+def test_early_stopping_records_the_best_validation_epoch_and_resumes_exactly(tmp_path):
+    data = write_tiny_mnist(tmp_path / "mnist", n_train=256)
+    straight = run(["--epochs", "3", "--valid-images", "64", *tiny_flags(tmp_path / "a", data)])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "early stopping: each evaluation also takes the ELBO of 64 validation images" in straight.stdout
+    (record,) = [json.loads(line) for line in (tmp_path / "a" / "out" / "runs.jsonl").read_text().splitlines()]
+    selected = record["selected"]
+    assert record["train_images"] == 192 and record["valid_images"] == 64
+    assert [epoch for epoch, _ in selected["curve"]] == [1, 2, 3]
+    assert selected["epoch"] == max(selected["curve"], key=lambda point: point[1])[0]
+    assert selected["valid"]["nats_per_image"] == dict(selected["curve"])[selected["epoch"]]
+    # the checkpoint keeps the selected weights; the record's bounds are theirs
+    state = only_checkpoint(tmp_path / "a")
+    best = state["selection"]["best"]
+    assert best["epoch"] == selected["epoch"] and best["step"] == 3 * selected["epoch"]
+    args = train_images.parse_args(["--device", "cpu", "--eval-images", "32"])
+    model, obs = train_images.make_model(args)
+    model.load_state_dict(best["model"]), obs.load_state_dict(best["obs"])
+    test_pixels = train_images.load_split(train_images.parse_args(["--data-dir", str(data)]), "test")
+    again = train_images.evaluate(model, obs, test_pixels, args, torch.device("cpu"), images=32,
+                                  generator=torch.Generator().manual_seed(1))
+    assert again["nats_per_image"] == pytest.approx(selected["final"]["nats_per_image"], rel=1e-6)
+    table = (tmp_path / "a" / "out" / "table2.md").read_text()
+    assert "## Selected on validation" in table
+    assert f"| mnist | LV-VAE, 64 held out | continuous | 0 | 3 | 64 | {selected['epoch']} of 3 evaluated |" in table
+    assert (tmp_path / "a" / "out" / "mnist_learned_continuous_3ep_valid64_reconstructions.png").exists()
+    # stopped after epoch 2 and resumed: the same curve, the same choice, the same bounds
+    first = run(["--epochs", "2", "--valid-images", "64", *tiny_flags(tmp_path / "b", data)])
+    assert first.returncode == 0, first.stderr[-3000:]
+    (ckpt,) = (tmp_path / "b" / "runs").glob("*/ckpt.pt")
+    resumed = run(["--resume", str(ckpt), "--epochs", "3", "--out", str(tmp_path / "b" / "resumed")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (again,) = [json.loads(line) for line in (tmp_path / "b" / "resumed" / "runs.jsonl").read_text().splitlines()]
+    assert again["selected"] == selected

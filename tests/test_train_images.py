@@ -1060,3 +1060,18 @@ def test_early_stopping_records_the_best_validation_epoch_and_resumes_exactly(tm
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (again,) = [json.loads(line) for line in (tmp_path / "b" / "resumed" / "runs.jsonl").read_text().splitlines()]
     assert again["selected"] == selected
+
+
+def test_early_stopping_under_two_gloo_processes(tmp_path):
+    # Each rank evaluates its share of the validation images and the sums are all-reduced: every rank keeps the same
+    # weights and evaluates them again at the end (collectives on every rank, or the run would hang); rank 0 writes.
+    data = write_tiny_mnist(tmp_path / "mnist", n_train=256)
+    two = torchrun(["--epochs", "2", "--valid-images", "64", *tiny_flags(tmp_path, data), "--batch-size", "32"],
+                   processes=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
+    selected = record["selected"]
+    assert record["train_images"] == 192 and record["valid_images"] == 64 and record["processes"] == 2
+    assert [epoch for epoch, _ in selected["curve"]] == [1, 2]
+    assert selected["epoch"] == max(selected["curve"], key=lambda point: point[1])[0]
+    assert only_checkpoint(tmp_path)["selection"]["best"]["epoch"] == selected["epoch"]

@@ -28,7 +28,9 @@
 # checkpoint could not be carried), CKPT_DIR (default ckpt), CELEBA_DIR (default data/celeba), CELEBA_PARTS (folders
 # that together hold CelebA's images and partition file, carried one a call; joined instead of CELEBA_DIR),
 # CELEBA_ROWS, CELEBA_EPOCHS, CELEBA_EXTRA (a second folder of training faces in the CelebA folder, passed as
-# --celeba-extra-train, e.g. img_align_celeba_89x109; default none). Relative paths are relative to the repository root.
+# --celeba-extra-train, e.g. img_align_celeba_89x109; default none), CELEBA_FLAGS (more flags for the CelebA rows, e.g.
+# --valid-images 780: early stopping on the offline copy's validation faces). Relative paths are relative to the
+# repository root.
 set -u
 cd "$(dirname "$0")/.." || exit
 STAGES=(env nll train tests 2d celeba mnist)
@@ -54,6 +56,7 @@ for row in $MNIST_ROW $CELEBA_ROWS; do
   [ -n "${ROWS[$row]:-}" ] || { echo "gpu_suite.sh: no Table 2 row '$row'; rows: $ROW_NAMES" >&2; exit 2; }
 done
 read -ra MNIST_FLAGS <<<"${MNIST_FLAGS:-}"
+read -ra CELEBA_FLAGS <<<"${CELEBA_FLAGS:-}"
 want() { [[ $WANTED == *" $1 "* ]]; }
 named() { [[ $NAMED == *" $1 "* ]]; }
 
@@ -89,6 +92,7 @@ else
   CELEBA=(--epochs "${CELEBA_EPOCHS:-200}" --eval-every 50)
 fi
 [ -n "${CELEBA_EXTRA:-}" ] && CELEBA+=(--celeba-extra-train "$CELEBA_EXTRA")
+CELEBA+=("${CELEBA_FLAGS[@]}")
 
 skip() {  # skip NAME WHY
   echo "=== $1: skipped, $2" | tee -a "$STAGE_LOG"

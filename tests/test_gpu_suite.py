@@ -132,12 +132,13 @@ def test_a_damaged_piece_fails_the_mnist_stage_with_one_line(first_session, tmp_
 
 def test_celeba_rows_train_side_by_side_and_record_table_2(tmp_path):
     data = tmp_path / "celeba"
-    tiny_celeba(data, splits=(0,) * 32 + (2,) * 4)
-    result = suite(tmp_path, tmp_path, "celeba", CELEBA_DIR=str(data), CELEBA_ROWS="fixed warmstart")
+    tiny_celeba(data, splits=(0,) * 32 + (1,) * 2 + (2,) * 4)
+    result = suite(tmp_path, tmp_path, "celeba", CELEBA_DIR=str(data), CELEBA_ROWS="fixed warmstart",
+                   CELEBA_FLAGS="--valid-images 2")
     log = (tmp_path / "out" / "suite.log").read_text()
     assert result.returncode == 0, log[-3000:]
     assert exits(log) == {"celeba-fixed": 0, "celeba-warmstart": 0}
-    assert "--sigma learned --lv-warmup 9360" in log
+    assert "--sigma learned --lv-warmup 9360" in log and log.count(" --valid-images 2 ") == 2
     packed = members(tmp_path / "out")
     for row in ("fixed", "warmstart"):
         assert any(name.startswith(f"runs/gpu_suite_celeba_{row}/events.out.tfevents.") for name in packed)
@@ -145,7 +146,9 @@ def test_celeba_rows_train_side_by_side_and_record_table_2(tmp_path):
         table = archive.extractfile("results/images/table2.md").read().decode()
         records = archive.extractfile("results/images/runs.jsonl").read().decode()
     # Both processes append to runs.jsonl and rewrite table2.md from it: neither row may be lost.
-    assert table.count("| celeba |") == 2 and len(records.splitlines()) == 2, table
+    main, selected = table.split("\n## Selected on validation")
+    assert main.count("| celeba |") == 2 and len(records.splitlines()) == 2, table
+    assert selected.count("| celeba |") == 2  # CELEBA_FLAGS reached both rows
     assert sorted(path.name for path in data.iterdir()) == ["img_align_celeba", "list_eval_partition.txt"]  # as carried
 
 

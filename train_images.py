@@ -1219,7 +1219,8 @@ def main(args):
         position = 0
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:  # evaluation, figures, checkpoint
             # Evaluation draws from the global RNGs: fork them, so that how often a run evaluates leaves its training
-            # noise as it was (tested), and under torchrun the ranks, which draw different evaluation noise, stay in step
+            # noise as it was (tested), and under torchrun the ranks, which draw different evaluation noise, stay in
+            # step
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 if args.sigma == "optimal":
                     set_optimal_sigma(model, obs, train_pixels, args, device)

@@ -1,0 +1,87 @@
+"""The evaluated epochs of train_images.py runs: test, training-image and validation ELBO, the selected epoch marked.
+
+Each run folder's TensorBoard events hold, at every evaluated epoch, the one-sample ELBO of the test images
+(eval/), of as many training images (eval_train/) and, with --valid-images, of the validation images (eval_valid/);
+its ckpt.pt holds the steps an epoch and, with --valid-images, the epoch whose validation ELBO was highest. This
+plots the three curves per run, one panel each, with that epoch marked: where the test ELBO peaks, how the gap opens
+after it, and whether the validation curve follows the test curve. It also prints them as a table.
+
+    python bench/eval_curves.py runs/<run> [runs/<run> ...] --out results/images/early_stopping_curves.png
+"""
+
+import argparse
+import glob
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_images  # noqa: E402  (its setting names)
+from common import load_checkpoint, save_figure  # noqa: E402
+
+CURVES = {"eval": "test images", "eval_train": "as many training images", "eval_valid": "validation images"}
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("runs", nargs="+", help="run folders of train_images.py (events and ckpt.pt)")
+parser.add_argument("--out", required=True, help="the PNG to write")
+
+
+def read_run(folder):
+    """(title, {prefix: [(epoch, nats/image), ...]}, selected epoch or None) of one run folder."""
+    events = glob.glob(os.path.join(folder, "events.out.tfevents.*"))
+    if not events or not os.path.isfile(os.path.join(folder, "ckpt.pt")):
+        raise SystemExit(f"error: {folder} has no TensorBoard events or no ckpt.pt; name a train_images.py run folder")
+    state = load_checkpoint(os.path.join(folder, "ckpt.pt"))
+    steps_per_epoch = state["step"] / max(state["epoch"], 1)
+    curves = {}
+    for path in sorted(events):  # a resumed run appends a second file to the same folder
+        accumulator = EventAccumulator(path, size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for prefix in CURVES:
+            tag = f"{prefix}/nats_per_image"
+            if tag in accumulator.Tags()["scalars"]:
+                points = {round(e.step / steps_per_epoch): e.value for e in accumulator.Scalars(tag)}
+                curves.setdefault(prefix, {}).update(points)
+    if "eval" not in curves:
+        raise SystemExit(f"error: {folder}'s events have no evaluated epoch (eval/nats_per_image); let it evaluate")
+    selection = state.get("selection")
+    images = state["args"].get("max_train_images")
+    title = f"{state['args']['dataset']}, {train_images.setting_name(state['args'])}, " \
+        f"{f'{images} training images, ' if images else ''}{state['epoch']} epochs"
+    return title, {k: sorted(v.items()) for k, v in curves.items()}, selection and selection["best"]["epoch"]
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    runs = [read_run(folder) for folder in args.runs]
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False)
+    for ax, (title, curves, selected) in zip(axes[0], runs):
+        for prefix, label in CURVES.items():
+            if prefix in curves:
+                epochs, nats = zip(*curves[prefix])
+                ax.plot(epochs, nats, marker="o", markersize=3, label=label)
+        if selected is not None:
+            ax.axvline(selected, color="gray", linestyle="--", label=f"selected on validation: epoch {selected}")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("one-sample ELBO, nats/image")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        print(f"{title}:\n| epoch | " + " | ".join(CURVES[p] for p in curves) + " |")
+        table = {p: dict(points) for p, points in curves.items()}
+        for epoch in sorted(table["eval"]):
+            print(f"| {epoch} | " + " | ".join(f"{table[p].get(epoch, float('nan')):.1f}" for p in curves) + " |")
+    fig.tight_layout()
+    command = f"python bench/eval_curves.py {' '.join(args.runs)} --out {args.out}"
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    save_figure(fig, args.out, command)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

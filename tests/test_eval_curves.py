@@ -1,0 +1,40 @@
+"""bench/eval_curves.py: a run's evaluated epochs (test, training-image and validation ELBO) plotted and printed."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from test_train_images import ROOT, run, tiny_flags, write_tiny_mnist
+
+
+def eval_curves(*args):
+    return subprocess.run([sys.executable, "bench/eval_curves.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_curves_are_the_runs_own_and_the_selected_epoch_is_marked(tmp_path):
+    data = write_tiny_mnist(tmp_path / "mnist", n_train=256)
+    result = run(["--epochs", "3", "--valid-images", "64", *tiny_flags(tmp_path, data)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
+    (folder,) = (tmp_path / "runs").iterdir()
+    out = tmp_path / "curves.png"
+    result = eval_curves(str(folder), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.stat().st_size > 5000
+    lines = result.stdout.splitlines()
+    assert lines[0] == "mnist, LV-VAE, 64 held out, 3 epochs:"
+    assert lines[1] == "| epoch | test images | as many training images | validation images |"
+    rows = [[float(cell) for cell in line.strip("| ").split(" | ")] for line in lines[2:5]]
+    assert [row[0] for row in rows] == [1, 2, 3]
+    for row, (epoch, valid) in zip(rows, record["selected"]["curve"]):
+        assert row[3] == pytest.approx(valid, abs=0.051)  # the validation ELBO the selection saw
+    assert lines[-1] == f"wrote {out}"
+
+
+def test_a_folder_without_a_run_is_refused_with_one_line(tmp_path):
+    result = eval_curves(str(tmp_path), "--out", str(tmp_path / "curves.png"))
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "has no TensorBoard events or no ckpt.pt" in result.stderr and not (tmp_path / "curves.png").exists()

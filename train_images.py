@@ -720,8 +720,14 @@ def run_batch(run):
     return (int(found.group(1)) if found else 128) * run.get("processes", 1)
 
 
+def fmt(value):
+    """A table cell: three decimals, or n/a for what was not measured."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def train_gap(run):
-    """A recorded run's one-sample ELBO on training images minus its test ELBO, nats/image (None if not measured)."""
+    """A recorded run's (or its selected epoch's) one-sample ELBO on training images minus its test ELBO, nats/image
+    (None if not measured)."""
     return run["final_train"]["nats_per_image"] - run["final"]["nats_per_image"] if "final_train" in run else None
 
 
@@ -799,21 +805,19 @@ def over_seeds(runs):
 def selected_on_validation(runs):
     """Table 2's runs with --valid-images: the epoch whose validation ELBO was highest and the test bounds of its
     weights beside the last epoch's (the main table's)."""
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     lines = []
     for run in runs:
         if "selected" not in run:
             continue
         chosen = run["selected"]
         pair = lambda bound, key: f"{fmt(chosen[bound][key])} ({fmt(run[bound][key])})"
-        gap = lambda bounds: bounds["final_train"]["nats_per_image"] - bounds["final"]["nats_per_image"]
         lines.append(
             f"| {run['dataset']} | {setting_name(run)} | {run['likelihood']} | {run_seed(run)} | {run['epochs']} "
             f"| {run['valid_images']} | {chosen['epoch']} of {len(chosen['curve'])} evaluated "
             f"| {fmt(chosen['valid']['nats_per_image'])} "
             f"| {pair('final', 'table2_bits_per_pixel')} | {pair('iwae', 'table2_bits_per_pixel')} "
             f"| {pair('final', 'bits_per_dim_8bit')} | {pair('iwae', 'bits_per_dim_8bit')} "
-            f"| {fmt(gap(chosen))} ({fmt(gap(run))}) | `{run['command']}` |")
+            f"| {fmt(train_gap(chosen))} ({fmt(train_gap(run))}) | `{run['command']}` |")
     if not lines:
         return []
     return [
@@ -838,7 +842,6 @@ def write_table2(out):
     """<out>/table2.md from every finished run recorded in <out>/runs.jsonl."""
     with open(os.path.join(out, "runs.jsonl")) as f:
         runs = [json.loads(line) for line in f if line.strip()]
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     lines = [
         "# Table 2: ELBO on the test split, every run made (written by train_images.py from runs.jsonl)",
         "",

@@ -469,6 +469,21 @@ def log_sigma_stats(writer, prefix, log_sigma, step):
     writer.add_histogram(f"{prefix}/log_sigma", log_sigma.flatten().cpu(), step)
 
 
+def writable_folder(path, flag):
+    """Make folder `path` (named by `flag`) now and check a file can be written in it, or stop with one line: a bad
+    output folder must stop a run before it trains, not when it writes its results at the end."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path} is a file, not a folder; name a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_check{os.getpid()}")
+        open(probe, "wb").close()
+        os.remove(probe)
+    except OSError as error:
+        raise SystemExit(f"error: {flag} {path}: {error.strerror or error}; name a folder that can be created and "
+                         "written") from None
+
+
 def write_file_atomically(path, write):
     """Call write(f) on a temporary file next to path, flush it to disk, rename it to path; on failure remove it.
 

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from scipy import integrate, optimize, special
 
-from common import FixedSigma, MLPVAE, elbo_terms, pick_device, save_figure
+from common import FixedSigma, MLPVAE, elbo_terms, pick_device, save_figure, writable_folder
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
 parser.add_argument("--dims", type=int, nargs="+", default=[2, 3, 5, 10, 100, 1000],
@@ -232,7 +232,7 @@ def heatmap(D, path, command):
 
 def main(args):
     command = "python " + " ".join(sys.argv)
-    os.makedirs(args.out, exist_ok=True)
+    writable_folder(args.out, "--out")
     started = time.time()
     rows = []
     for D in args.dims:

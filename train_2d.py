@@ -54,6 +54,7 @@ from common import (
     run_name,
     save_figure,
     soft_floor,
+    writable_folder,
 )
 
 PRESETS = {  # steps, seeds, hidden units; the paper: ResNets of 4 blocks of 200 units, 10 runs per setting
@@ -553,6 +554,7 @@ def mean_std(values, fmt="{:.3f}"):
 def main(args):
     device = pick_device(args.device)
     command = "python " + " ".join(sys.argv)
+    writable_folder(args.out, "--out"), writable_folder(args.logdir, "--logdir")  # now, not after training
     seeds = list(range(args.seed, args.seed + args.seeds))
     torch.manual_seed(args.seed)  # the figures' samples; weights, data and training noise have their own generators
     print(f"train_2d: preset {args.preset}, data {args.data}: {args.seeds} seeds x {args.steps} steps, ResNets of "

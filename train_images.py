@@ -90,6 +90,7 @@ from common import (
     save_checkpoint,
     save_figure,
     soft_floor,
+    writable_folder,
     write_file_atomically,
 )
 from kernels.gaussian_nll import TRITON_AVAILABLE
@@ -1142,6 +1143,15 @@ def main(args):
         selection = state.get("selection", selection)
         run_dir = os.path.dirname(os.path.abspath(args.resume))
     checkpoint_path, last_checkpoint = os.path.join(run_dir, "ckpt.pt"), state and f"{args.resume} (step {step})"
+    error = None
+    if rank == 0:  # the folders rank 0 writes, made now: a bad --out must not wait for the end of training
+        try:
+            for flag, folder in [("--out", args.out), ("--logdir" if state is None else "--resume's folder", run_dir)]:
+                if folder:
+                    writable_folder(folder, flag)
+        except SystemExit as stop:
+            error = stop.code
+    stop_together(error, device)
     guard = NanGuard(optimizer, step, device)
     step_fn = with_test_hooks(step_function(args), step, list(model.parameters()))
     signals_received = []  # a signal only sets this; the loop finishes its step, saves and exits
@@ -1151,7 +1161,6 @@ def main(args):
         dist.barrier()
     writer = None
     if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
         writer = make_writer(run_dir, args)
         announce(args, model, train_pixels, test_pixels, steps_per_epoch, eval_images, iwae_images, world_size,
                  device, run_dir, valid_pixels)

@@ -71,6 +71,14 @@ def test_training_check_runs_end_to_end(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000
 
 
+def test_an_output_folder_that_cannot_be_made_gives_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = subprocess.run([sys.executable, "theory.py", "--dims", "2", "--out", str(tmp_path / "a_file" / "x")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"error: --out {tmp_path / 'a_file' / 'x'}: ")
+
+
 def test_bad_dimension_is_refused():
     result = subprocess.run([sys.executable, "theory.py", "--dims", "1"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "must be >= 2" in result.stderr

@@ -253,6 +253,18 @@ def test_help_documents_every_flag():
         assert action.help, action.option_strings
 
 
+@pytest.mark.parametrize("flag", ["--out", "--logdir"])
+def test_an_output_folder_that_is_a_file_stops_the_run_before_it_trains(tmp_path, flag):
+    (tmp_path / "a_file").write_text("")
+    folders = {"--out": str(tmp_path / "out"), "--logdir": str(tmp_path / "runs"), flag: str(tmp_path / "a_file")}
+    result = subprocess.run([sys.executable, "train_2d.py", "--steps", "2000", "--settings", "LS",
+                             *[item for pair in folders.items() for item in pair]],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {flag} {tmp_path / 'a_file'} is a file, not a folder; name a folder"
+    assert result.stdout == ""  # stopped before its first line
+
+
 def run_tiny(out, logdir, *extra):
     result = subprocess.run(
         [sys.executable, "train_2d.py", "--steps", "30", "--lv-warmup", "10", "--seeds", "2", "--hidden", "16",

@@ -287,6 +287,20 @@ def test_missing_data_and_bad_checkpoint_give_one_clear_line(tmp_path):
     assert result.returncode == 1 and "corrupt" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flag", ["--out", "--logdir"])
+def test_an_output_folder_that_cannot_be_made_stops_the_run_before_it_trains(tmp_path, flag):
+    # Found at the end, a bad --out would cost the whole run's record; found at start-up it costs nothing.
+    data = write_tiny_mnist(tmp_path / "mnist")
+    (tmp_path / "a_file").write_text("")
+    flags = tiny_flags(tmp_path, data)
+    flags[flags.index(flag) + 1] = str(tmp_path / "a_file" / "folder")
+    result = run(["--epochs", "1", *flags])
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    assert result.stderr.startswith(f"error: {flag} {tmp_path / 'a_file' / 'folder'}")
+    assert "name a folder" in result.stderr
+    assert "epoch 1" not in result.stdout and not (tmp_path / "runs").exists()
+
+
 # --- torchrun, NaN guard, signals, atomic and damaged checkpoints ---
 
 

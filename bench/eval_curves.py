@@ -51,7 +51,9 @@ def read_run(folder):
         raise SystemExit(f"error: {folder}'s events have no evaluated epoch (eval/nats_per_image); let it evaluate")
     selection = state.get("selection")
     images = state["args"].get("max_train_images")
+    likelihood = state["args"].get("likelihood", "continuous")  # discretized: log-probabilities of the 8-bit data
     title = f"{state['args']['dataset']}, {train_images.setting_name(state['args'])}, " \
+        f"{'' if likelihood == 'continuous' else f'{likelihood} likelihood, '}" \
         f"{f'{images} training images, ' if images else ''}{state['epoch']} epochs"
     return title, {k: sorted(v.items()) for k, v in curves.items()}, selection and selection["best"]["epoch"]
 

@@ -14,9 +14,10 @@ def eval_curves(*args):
                           timeout=300)
 
 
-def test_the_curves_are_the_runs_own_and_the_selected_epoch_is_marked(tmp_path):
+@pytest.mark.parametrize("likelihood", ["continuous", "discretized"])
+def test_the_curves_are_the_runs_own_and_the_selected_epoch_is_marked(tmp_path, likelihood):
     data = write_tiny_mnist(tmp_path / "mnist", n_train=256)
-    result = run(["--epochs", "3", "--valid-images", "64", *tiny_flags(tmp_path, data)])
+    result = run(["--epochs", "3", "--valid-images", "64", "--likelihood", likelihood, *tiny_flags(tmp_path, data)])
     assert result.returncode == 0, result.stderr[-3000:]
     (record,) = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
     (folder,) = (tmp_path / "runs").iterdir()
@@ -25,7 +26,8 @@ def test_the_curves_are_the_runs_own_and_the_selected_epoch_is_marked(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.stat().st_size > 5000
     lines = result.stdout.splitlines()
-    assert lines[0] == "mnist, LV-VAE, 64 held out, 3 epochs:"
+    named = "" if likelihood == "continuous" else "discretized likelihood, "  # its bounds are of the 8-bit data
+    assert lines[0] == f"mnist, LV-VAE, 64 held out, {named}3 epochs:"
     assert lines[1] == "| epoch | test images | as many training images | validation images |"
     rows = [[float(cell) for cell in line.strip("| ").split(" | ")] for line in lines[2:5]]
     assert [row[0] for row in rows] == [1, 2, 3]

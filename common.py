@@ -470,18 +470,17 @@ def log_sigma_stats(writer, prefix, log_sigma, step):
 
 
 def writable_folder(path, flag):
-    """Make folder `path` (named by `flag`) now and check a file can be written in it, or stop with one line: a bad
-    output folder must stop a run before it trains, not when it writes its results at the end."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise SystemExit(f"error: {flag} {path} is a file, not a folder; name a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_check{os.getpid()}")
-        open(probe, "wb").close()
-        os.remove(probe)
-    except OSError as error:
-        raise SystemExit(f"error: {flag} {path}: {error.strerror or error}; name a folder that can be created and "
-                         "written") from None
+    """Check now that folder `path` (named by `flag`) is one or can be made, in a folder that can be written, or stop
+    with one line: a bad output folder must stop a run before it trains, not when it writes its results. Makes
+    nothing."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the nearest part of the path that exists (a file inside it does not)
+        existing = os.path.dirname(existing)
+    where = "" if existing == os.path.abspath(path) else f": {existing}"
+    if not os.path.isdir(existing):
+        raise SystemExit(f"error: {flag} {path}{where} is a file, not a folder; name a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: {flag} {path}{where} is not writable; name a folder you can write to")
 
 
 def write_file_atomically(path, write):

@@ -1144,7 +1144,7 @@ def main(args):
         run_dir = os.path.dirname(os.path.abspath(args.resume))
     checkpoint_path, last_checkpoint = os.path.join(run_dir, "ckpt.pt"), state and f"{args.resume} (step {step})"
     error = None
-    if rank == 0:  # the folders rank 0 writes, made now: a bad --out must not wait for the end of training
+    if rank == 0:  # the folders rank 0 writes, checked now: a bad --out must not wait for the end of training
         try:
             for flag, folder in [("--out", args.out), ("--logdir" if state is None else "--resume's folder", run_dir)]:
                 if folder:
@@ -1161,6 +1161,7 @@ def main(args):
         dist.barrier()
     writer = None
     if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
         writer = make_writer(run_dir, args)
         announce(args, model, train_pixels, test_pixels, steps_per_epoch, eval_images, iwae_images, world_size,
                  device, run_dir, valid_pixels)
@@ -1291,8 +1292,9 @@ def main(args):
     if world_size > 1:
         # The ranks leave together, once rank 0 has written the record. A rank that reached interpreter shutdown
         # straight after its last all-reduce aborted (SIGABRT) in ~2% of 2-process CPU runs, failing the job and
-        # stopping rank 0 however far it had got: gloo's worker thread frees that all-reduce's tensors late and needs the GIL to do so, and the
-        # process group outlives destroy_process_group once DDP has held it, so its threads run into the shutdown.
+        # stopping rank 0 however far it had got: gloo's worker thread frees that all-reduce's tensors late and needs
+        # the GIL to do so, and the process group outlives destroy_process_group once DDP has held it, so its threads
+        # run into the shutdown.
         dist.barrier()
 
 

@@ -292,3 +292,14 @@ def test_save_figure_keeps_a_long_title_and_command_whole(tmp_path):
     gray = np.asarray(image.convert("L"))
     assert min(gray[:, 0].min(), gray[:, -1].min(), gray[0].min(), gray[-1].min()) == 255
     assert (gray < 200).any(axis=1).sum() > 0.2 * gray.shape[0]  # something was drawn
+
+
+def test_writable_folder_makes_nothing_and_names_the_file_in_the_way(tmp_path):
+    from common import writable_folder
+    writable_folder(str(tmp_path / "a" / "b"), "--out")  # can be made: passes, and makes nothing
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        writable_folder(str(tmp_path / "a_file" / "b"), "--out")
+    in_the_way = tmp_path / "a_file"
+    assert stop.value.code == f"error: --out {in_the_way / 'b'}: {in_the_way} is a file, not a folder; name a folder"

@@ -233,6 +233,7 @@ def heatmap(D, path, command):
 def main(args):
     command = "python " + " ".join(sys.argv)
     writable_folder(args.out, "--out")
+    os.makedirs(args.out, exist_ok=True)
     started = time.time()
     rows = []
     for D in args.dims:

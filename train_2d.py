@@ -554,7 +554,8 @@ def mean_std(values, fmt="{:.3f}"):
 def main(args):
     device = pick_device(args.device)
     command = "python " + " ".join(sys.argv)
-    writable_folder(args.out, "--out"), writable_folder(args.logdir, "--logdir")  # now, not after training
+    for flag, folder in [("--out", args.out), ("--logdir", args.logdir)]:  # checked now, not after training
+        writable_folder(folder, flag)
     seeds = list(range(args.seed, args.seed + args.seeds))
     torch.manual_seed(args.seed)  # the figures' samples; weights, data and training noise have their own generators
     print(f"train_2d: preset {args.preset}, data {args.data}: {args.seeds} seeds x {args.steps} steps, ResNets of "

@@ -59,16 +59,17 @@ def test_log_0f1_is_concave(D):
 
 
 def test_training_check_runs_end_to_end(tmp_path):
+    out = tmp_path / "new" / "folder"  # made by the script
     result = subprocess.run(
         [sys.executable, "theory.py", "--dims", "2", "--heatmap-dims", "2", "--train", "--train-dims", "2",
-         "--seeds", "2", "--steps", "20", "--hidden", "16", "--out", str(tmp_path)],
+         "--seeds", "2", "--steps", "20", "--hidden", "16", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    table = (tmp_path / "training_check.md").read_text()
+    table = (out / "training_check.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| 2 |")]
     assert len(rows) == 2 and all("nan" not in row for row in rows)
     for name in ["threshold.md", "fig2_heatmap_D2.png", "training_check.png"]:
-        assert (tmp_path / name).stat().st_size > 1000
+        assert (out / name).stat().st_size > 1000
 
 
 def test_an_output_folder_that_cannot_be_made_gives_one_line(tmp_path):

@@ -1119,6 +1119,17 @@ def main(args):
         state, args = read_resume(args, device)
     resolve_defaults(args, device, world_size)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else \
+        os.path.join(args.logdir, run_name("train_images", args.dataset, args.sigma, args.seed))
+    error = None
+    if rank == 0:  # the folders rank 0 writes, checked before the data and the training, not when the run ends
+        try:
+            for flag, folder in [("--out", args.out), ("--logdir" if state is None else "--resume's folder", run_dir)]:
+                if folder:
+                    writable_folder(folder, flag)
+        except SystemExit as stop:
+            error = stop.code
+    stop_together(error, device)
 
     # --- data ---
     train_pixels, valid_pixels, test_pixels = load_data(args, local_rank, world_size, device)
@@ -1136,22 +1147,11 @@ def main(args):
     start_epoch, step, position, seconds_before, test = 0, 0, 0, 0.0, None
     # --valid-images: every evaluated epoch's validation ELBO and the weights where it was highest (on the CPU)
     selection = None if valid_pixels is None else {"curve": [], "best": None}
-    run_dir = os.path.join(args.logdir, run_name("train_images", args.dataset, args.sigma, args.seed))
     if state is not None:
         start_epoch, step, position, seconds_before, test = restore(state, args, model, obs, optimizer,
                                                                     data_generator, device)
         selection = state.get("selection", selection)
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
     checkpoint_path, last_checkpoint = os.path.join(run_dir, "ckpt.pt"), state and f"{args.resume} (step {step})"
-    error = None
-    if rank == 0:  # the folders rank 0 writes, checked now: a bad --out must not wait for the end of training
-        try:
-            for flag, folder in [("--out", args.out), ("--logdir" if state is None else "--resume's folder", run_dir)]:
-                if folder:
-                    writable_folder(folder, flag)
-        except SystemExit as stop:
-            error = stop.code
-    stop_together(error, device)
     guard = NanGuard(optimizer, step, device)
     step_fn = with_test_hooks(step_function(args), step, list(model.parameters()))
     signals_received = []  # a signal only sets this; the loop finishes its step, saves and exits

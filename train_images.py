@@ -1150,10 +1150,11 @@ def main(args):
     start_epoch, step, position, seconds_before, test = 0, 0, 0, 0.0, None
     # --valid-images: every evaluated epoch's validation ELBO and the weights where it was highest (on the CPU)
     selection = None if valid_pixels is None else {"curve": [], "best": None}
+    curves = []  # every evaluated epoch: [epoch, test, training-image, validation (or None) ELBO in nats/image]
     if state is not None:
         start_epoch, step, position, seconds_before, test = restore(state, args, model, obs, optimizer,
                                                                     data_generator, device)
-        selection = state.get("selection", selection)
+        selection, curves = state.get("selection", selection), state.get("curves", curves)
     checkpoint_path, last_checkpoint = os.path.join(run_dir, "ckpt.pt"), state and f"{args.resume} (step {step})"
     guard = NanGuard(optimizer, step, device)
     step_fn = with_test_hooks(step_function(args), step, list(model.parameters()))
@@ -1178,7 +1179,7 @@ def main(args):
                 "args": {k: v for k, v in vars(args).items() if k != "resume"},
                 "data_rng": data_rng, "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None, "test": test,
-                "selection": selection, "wall_seconds": seconds_before + time.time() - started})
+                "selection": selection, "curves": curves, "wall_seconds": seconds_before + time.time() - started})
         return f"{checkpoint_path} (step {step})"
 
     def sync(epoch, where, position, data_rng):
@@ -1249,6 +1250,8 @@ def main(args):
                     model, obs, valid_pixels, args, device, bf16=args.dtype == "bf16",
                     generator=torch.Generator(device).manual_seed(2 + rank), desc=f"evaluating epoch {epoch + 1}, "
                     "validation images")
+            curves.append([epoch + 1, test["nats_per_image"], seen["nats_per_image"],
+                           valid and valid["nats_per_image"]])
             if valid is not None:  # the same value on every rank (all-reduced): they keep the same weights
                 selection["curve"].append([epoch + 1, valid["nats_per_image"]])
                 best = selection["best"]
@@ -1289,7 +1292,7 @@ def main(args):
                       wall_minutes=(seconds_before + time.time() - started) / 60, processes=world_size,
                       batch_size=args.batch_size * world_size,
                       hardware=hardware(device) if world_size == 1 else f"{world_size} x {hardware(device)}",
-                      command=command, run_dir=inside_repository(run_dir), final_train=seen,
+                      command=command, run_dir=inside_repository(run_dir), final_train=seen, curves=curves,
                       **({} if selected is None else {"valid_images": len(valid_pixels), "selected": selected}))
         record_run(args, model, obs, test_pixels, final, iwae, record, args.out or run_dir, device)
     if world_size > 1:

@@ -2,15 +2,19 @@
 
 Each run folder's TensorBoard events hold, at every evaluated epoch, the one-sample ELBO of the test images
 (eval/), of as many training images (eval_train/) and, with --valid-images, of the validation images (eval_valid/);
-its ckpt.pt holds the steps an epoch and, with --valid-images, the epoch whose validation ELBO was highest. This
-plots the three curves per run, one panel each, with that epoch marked: where the test ELBO peaks, how the gap opens
-after it, and whether the validation curve follows the test curve. It also prints them as a table.
+its ckpt.pt holds the steps an epoch and, with --valid-images, the epoch whose validation ELBO was highest. A run's
+record in runs.jsonl holds the same curves (its "curves", recorded since 2026-11-29), so a committed record can be
+plotted without its run folder: FILE.jsonl:N names the record on line N, FILE.jsonl every record that has curves.
+This plots the three curves per run, one panel each, with that epoch marked: where the test ELBO peaks, how the gap
+opens after it, and whether the validation curve follows the test curve. It also prints them as a table.
 
     python bench/eval_curves.py runs/<run> [runs/<run> ...] --out results/images/early_stopping_curves.png
+    python bench/eval_curves.py results/images/runs.jsonl:70 --out curves.png
 """
 
 import argparse
 import glob
+import json
 import os
 import sys
 
@@ -27,7 +31,8 @@ from common import load_checkpoint, save_figure  # noqa: E402
 CURVES = {"eval": "test images", "eval_train": "as many training images", "eval_valid": "validation images"}
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("runs", nargs="+", help="run folders of train_images.py (events and ckpt.pt)")
+parser.add_argument("runs", nargs="+", help="run folders of train_images.py (events and ckpt.pt), or records: "
+                    "FILE.jsonl:N (line N, from 1), FILE.jsonl (every record with curves)")
 parser.add_argument("--out", required=True, help="the PNG to write")
 
 
@@ -58,9 +63,39 @@ def read_run(folder):
     return title, {k: sorted(v.items()) for k, v in curves.items()}, selection and selection["best"]["epoch"]
 
 
+def read_records(spec):
+    """[(title, {prefix: [(epoch, nats/image), ...]}, selected epoch or None)] of the records FILE.jsonl[:N] names."""
+    path, _, line = spec.rpartition(":") if not spec.endswith(".jsonl") else (spec, "", "")
+    try:
+        with open(path) as f:
+            records = [(number, json.loads(text)) for number, text in enumerate(f, 1) if text.strip()]
+    except (OSError, ValueError) as failure:
+        raise SystemExit(f"error: {path} is not a readable runs.jsonl ({failure}); name a train_images.py record file")
+    if line:
+        records = [(number, record) for number, record in records if str(number) == line]
+        if not records:
+            raise SystemExit(f"error: {path} has no record on line {line}; name a line that holds one")
+    records = [(number, record) for number, record in records if isinstance(record, dict) and "curves" in record]
+    if not records:
+        raise SystemExit(f"error: {spec} names no record with curves (runs recorded before 2026-11-29 have none); "
+                         "name its run folder instead")
+    runs = []
+    for number, record in records:
+        curves = {prefix: [(row[0], row[1 + i]) for row in record["curves"] if row[1 + i] is not None]
+                  for i, prefix in enumerate(CURVES)}
+        likelihood = record["likelihood"]
+        title = f"{record['dataset']}, {train_images.setting_name(record)}, " \
+            f"{'' if likelihood == 'continuous' else f'{likelihood} likelihood, '}" \
+            f"{record['train_images']} training images, {record['epochs']} epochs (line {number})"
+        runs.append((title, {k: v for k, v in curves.items() if v}, record.get("selected", {}).get("epoch")))
+    return runs
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
-    runs = [read_run(folder) for folder in args.runs]
+    runs = []
+    for name in args.runs:
+        runs += read_records(name) if name.endswith(".jsonl") or ".jsonl:" in name else [read_run(name)]
     fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False)
     for ax, (title, curves, selected) in zip(axes[0], runs):
         for prefix, label in CURVES.items():

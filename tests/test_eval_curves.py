@@ -34,9 +34,30 @@ def test_the_curves_are_the_runs_own_and_the_selected_epoch_is_marked(tmp_path, 
     for row, (epoch, valid) in zip(rows, record["selected"]["curve"]):
         assert row[3] == pytest.approx(valid, abs=0.051)  # the validation ELBO the selection saw
     assert lines[-1] == f"wrote {out}"
+    # The same curves from the run's record alone (line 1 of runs.jsonl, or the file: every record with curves).
+    assert [[epoch, valid] for epoch, _, _, valid in record["curves"]] == record["selected"]["curve"]
+    for spec in [f"{tmp_path / 'out' / 'runs.jsonl'}:1", str(tmp_path / "out" / "runs.jsonl")]:
+        from_record = eval_curves(spec, "--out", str(tmp_path / "from_record.png"))
+        assert from_record.returncode == 0, from_record.stderr[-3000:]
+        record_lines = from_record.stdout.splitlines()
+        assert record_lines[0] == f"mnist, LV-VAE, 64 held out, {named}192 training images, 3 epochs (line 1):"
+        assert record_lines[1] == lines[1]
+        record_rows = [[float(cell) for cell in line.strip("| ").split(" | ")] for line in record_lines[2:5]]
+        for record_row, row in zip(record_rows, rows, strict=True):  # TensorBoard keeps float32, the record float64
+            assert record_row == pytest.approx(row, abs=0.051)
 
 
 def test_a_folder_without_a_run_is_refused_with_one_line(tmp_path):
     result = eval_curves(str(tmp_path), "--out", str(tmp_path / "curves.png"))
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "has no TensorBoard events or no ckpt.pt" in result.stderr and not (tmp_path / "curves.png").exists()
+
+
+def test_records_without_curves_or_lines_without_records_are_refused_with_one_line(tmp_path):
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text(json.dumps({"dataset": "mnist", "sigma": "learned"}) + "\n")  # recorded before curves were
+    for spec, message in [(str(runs), "names no record with curves"), (f"{runs}:1", "names no record with curves"),
+                          (f"{runs}:2", "has no record on line 2"), (str(tmp_path / "none.jsonl"), "not a readable")]:
+        result = eval_curves(spec, "--out", str(tmp_path / "curves.png"))
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert message in result.stderr and not (tmp_path / "curves.png").exists()

@@ -143,6 +143,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 6
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+    # The evaluated epochs' curves (test, training-image, validation ELBO) carry across the resume.
+    assert len(a["curves"]) == 2 and a["curves"] == b["curves"] and a["curves"][0][3] is None
     # The resumed run wrote into the same run folder: one TensorBoard run, one checkpoint.
     assert len(list((tmp_path / "b" / "runs").iterdir())) == 1
 

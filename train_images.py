@@ -142,6 +142,11 @@ parser.add_argument("--lv-handover-sigma", choices=["warm", "mse"], default="war
                     help="with --lv-warmup: where the per-pixel head starts at the hand-over: warm, the warm phase's "
                     "own sigma (default), or mse, sigma^2 = the training images' MSE, sigma-VAE's value, after an "
                     "LS-VAE phase (an ablation: the LS-VAE phase with the sigma-VAE phase's start)")
+parser.add_argument("--kl-weight", type=float, default=1.0,
+                    help="lambda on the KL term of the training loss, -E log p(x|z) + lambda KL (a beta-VAE); 1 "
+                    "(default): the ELBO, the paper's. With --sigma fixed it is sigma in disguise (Sec. 3.2): the loss "
+                    "is lambda times that of sigma x sqrt(lambda) with lambda = 1, which Adam trains alike (tested). "
+                    "Evaluation reports the ELBO (lambda = 1) of the model as it is")
 parser.add_argument("--likelihood", choices=["continuous", "discretized"], default="continuous",
                     help="continuous Gaussian density (default) or Gaussian integrated over each 1/255 pixel bin")
 parser.add_argument("--nll-kernel", choices=["auto", "triton", "torch"], default="auto",
@@ -199,6 +204,8 @@ def parse_args(argv=None):
         parser.error("--sigma-value goes with --sigma fixed only")
     if args.sigma_value is not None and args.sigma_value <= 0:
         parser.error("--sigma-value must be > 0")
+    if not 0 < args.kl_weight < math.inf:
+        parser.error("--kl-weight must be a finite number > 0 (1: the ELBO)")
     if args.lv_warmup and args.sigma != "learned":
         parser.error("--lv-warmup goes with --sigma learned only (it hands LS-VAE over to the per-pixel head)")
     if args.lv_warmup < 0:
@@ -379,16 +386,20 @@ def resolve_defaults(args, device, world_size):
 class ELBO(torch.nn.Module):
     """The VAE and its observation model as one module whose forward is `elbo_terms`: what DDP wraps and syncs and
     torch.compile compiles. x: uint8 pixels, made pixel / 255 here (where a compiled step fuses it). bf16: the
-    networks under bf16 autocast; their outputs, the NLL and the KL stay fp32 (ConvVAE)."""
+    networks under bf16 autocast; their outputs, the NLL and the KL stay fp32 (ConvVAE). kl_weight (--kl-weight):
+    the third output is then the objective -recon_nll - kl_weight * kl that training maximises, not the ELBO."""
 
-    def __init__(self, model, obs, nll, bf16, memory_format):
+    def __init__(self, model, obs, nll, bf16, memory_format, kl_weight=1.0):
         super().__init__()
         self.model, self.obs, self.nll, self.bf16, self.memory_format = model, obs, nll, bf16, memory_format
+        self.kl_weight = kl_weight
 
     def forward(self, pixels, eps):
         x = (pixels.float() / 255).contiguous(memory_format=self.memory_format)
         with torch.autocast(x.device.type, torch.bfloat16, enabled=self.bf16):
-            return elbo_terms(self.model, self.obs, x, eps, event_dims=3, nll=self.nll)
+            recon_nll, kl, elbo, out = elbo_terms(self.model, self.obs, x, eps, event_dims=3, nll=self.nll)
+        # Sec. 3.2: with a fixed sigma, weighting the KL by lambda is the ELBO of sigma x sqrt(lambda), times lambda
+        return recon_nll, kl, elbo if self.kl_weight == 1 else -recon_nll - self.kl_weight * kl, out
 
 
 def build(args, device, world_size=1):
@@ -406,7 +417,7 @@ def build(args, device, world_size=1):
     optimizer = torch.optim.Adam([*model.parameters(), *obs.parameters()], lr=args.lr, fused=True,
                                  capturable=args.compile == "whole-step")  # step counts on the GPU, read there
     step_module = ELBO(model, obs, likelihood(args, device, args.compile != "none"), args.dtype == "bf16",
-                       memory_format)
+                       memory_format, getattr(args, "kl_weight", 1.0))
     if world_size > 1:  # averages the gradients over the ranks in backward(), i.e. over the global batch
         step_module = DistributedDataParallel(step_module, device_ids=[device] if device.type == "cuda" else None)
     if args.compile != "none":
@@ -469,12 +480,13 @@ class NanGuard:
 
 
 def train_step(step_module, optimizer, guard, pixels, eps, cuda_graphs):
-    """One step: the ELBO's forward and backward, the NaN guard, Adam. Returns (loss, recon_nll, kl, mean log sigma)
-    of the batch, nats per image, as one tensor on the device: nothing here waits for the device."""
+    """One step: the ELBO's forward and backward (of the KL-weighted objective under --kl-weight), the NaN guard, Adam.
+    Returns (loss, recon_nll, kl, mean log sigma) of the batch, nats per image, as one tensor on the device: nothing
+    here waits for the device."""
     if cuda_graphs:
         torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten from here on
-    recon_nll, kl, elbo, (_, log_sigma) = step_module(pixels, eps)
-    loss = -elbo.mean()
+    recon_nll, kl, objective, (_, log_sigma) = step_module(pixels, eps)
+    loss = -objective.mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     guard.update(loss)
@@ -683,15 +695,17 @@ def command_line(launcher, argv):
 
 def setting_name(run):
     """Table 2's name of a run's setting (run: a record or vars(args)): F-VAE (sigma=0.707), LS-VAE, LV-VAE, LV-VAE,
-    warm start (N steps[ of sigma-VAE][, head at the MSE's sigma][, fresh Adam]), sigma-VAE[, + FOLDER faces][, N
-    held out] (MNIST's --valid-images, taken from its training images). Runs recorded before --lv-fresh-adam,
-    --lv-warmup-sigma, --lv-handover-sigma, --celeba-extra-train and --valid-images existed had none of them."""
+    warm start (N steps[ of sigma-VAE][, head at the MSE's sigma][, fresh Adam]), sigma-VAE[, + FOLDER faces][, KL
+    weight L][, N held out] (MNIST's --valid-images, taken from its training images). Runs recorded before
+    --lv-fresh-adam, --lv-warmup-sigma, --lv-handover-sigma, --celeba-extra-train, --valid-images and --kl-weight
+    existed had none of them."""
     name = SIGMA_NAMES[run["sigma"]] + (f" (sigma={run['sigma_value']:.3g})" if run["sigma"] == "fixed" else "")
     if run.get("lv_warmup"):
         warm = " of sigma-VAE" if run.get("lv_warmup_sigma") == "optimal" else ""
         warm += ", head at the MSE's sigma" if run.get("lv_handover_sigma") == "mse" else ""
         name += f", warm start ({run['lv_warmup']} steps{warm}{', fresh Adam' if run.get('lv_fresh_adam') else ''})"
     name += f", + {run['celeba_extra_train']} faces" if run.get("celeba_extra_train") else ""
+    name += f", KL weight {run['kl_weight']:g}" if run.get("kl_weight", 1) != 1 else ""
     held_out = run.get("valid_images") and run["dataset"] == "mnist"
     return name + (f", {run['valid_images']} held out" if held_out else "")
 
@@ -699,7 +713,8 @@ def setting_name(run):
 def paper_value(run):
     """The paper's Table 2 number for this run's setting: F-VAE with the MSE's sigma = 1/sqrt(2), or LV-VAE."""
     mse = run["sigma"] == "fixed" and abs(run["sigma_value"] - 1 / math.sqrt(2)) < 1e-9
-    if run["likelihood"] != "continuous" or run.get("lv_warmup") or not (mse or run["sigma"] == "learned"):
+    if run["likelihood"] != "continuous" or run.get("lv_warmup") or run.get("kl_weight", 1) != 1 \
+            or not (mse or run["sigma"] == "learned"):
         return "not in the paper"
     return PAPER_TABLE2[run["dataset"], run["sigma"]]
 
@@ -737,8 +752,8 @@ FIGURE_KINDS = ["reconstructions", "generations"]
 
 def figure_stem(run):
     """A run's figures are <stem>_reconstructions.png and <stem>_generations.png: named by dataset, sigma, likelihood,
-    epochs, --valid-images and seed (none for seed 0), so that a run of another length or seed keeps the others'
-    figures. They are the last epoch's model's, with or without --valid-images."""
+    epochs, --kl-weight, --valid-images and seed (none for seed 0), so that a run of another length or seed keeps the
+    others' figures. They are the last epoch's model's, with or without --valid-images."""
     seed = run_seed(run)
     warm = ("_warmstart" + ("-optimal" if run.get("lv_warmup_sigma") == "optimal" else "")
             + ("-msehead" if run.get("lv_handover_sigma") == "mse" else "")
@@ -746,8 +761,9 @@ def figure_stem(run):
     extra = f"_plus-{os.path.basename(os.path.normpath(run['celeba_extra_train']))}" \
         if run.get("celeba_extra_train") else ""
     valid = f"_valid{run['valid_images']}" if run.get("valid_images") else ""
+    kl_weight = f"_kl{run['kl_weight']:g}" if run.get("kl_weight", 1) != 1 else ""
     return f"{run['dataset']}_{run['sigma']}{warm}_{run['likelihood']}_" \
-        f"{run['epochs']}ep{extra}{valid}" + (f"_seed{seed}" if seed else "")
+        f"{run['epochs']}ep{extra}{kl_weight}{valid}" + (f"_seed{seed}" if seed else "")
 
 
 def figure_cell(run, out):
@@ -1090,6 +1106,7 @@ def record_run(args, model, obs, test_pixels, final, iwae, record, out, device):
     record.update(dataset=args.dataset, sigma=args.sigma, sigma_value=args.sigma_value, lv_warmup=args.lv_warmup,
                   lv_fresh_adam=args.lv_fresh_adam, lv_warmup_sigma=args.lv_warmup_sigma,
                   lv_handover_sigma=args.lv_handover_sigma, celeba_extra_train=args.celeba_extra_train,
+                  kl_weight=args.kl_weight,
                   likelihood=args.likelihood, seed=args.seed,
                   epochs=args.epochs, final=final, iwae=iwae, iwae_k=args.iwae_k, dtype=args.dtype,
                   compile=args.compile, sigma_summary=sigma_summary + (" (sqrt of the training MSE)"
@@ -1224,14 +1241,16 @@ def main(args):
                      position, epoch_data_rng)
             if log_now:
                 loss, recon_nll, kl, log_sigma = (meter / (step - logged[0])).tolist()  # means since the last log
+                elbo = -recon_nll - kl  # -loss, unless --kl-weight weights the KL
                 images_per_second = (step - logged[0]) * global_batch / max(time.time() - logged[1], 1e-9)
                 meter.zero_()
                 logged = step, time.time()
                 if rank == 0:
-                    for key, value in [("elbo", -loss), ("recon_nll", recon_nll), ("kl", kl),
-                                       ("log_sigma_mean", log_sigma), ("charts/images_per_sec", images_per_second)]:
+                    for key, value in [("elbo", elbo), ("recon_nll", recon_nll), ("kl", kl),
+                                       ("log_sigma_mean", log_sigma), ("charts/images_per_sec", images_per_second)] \
+                            + [("objective", -loss)] * (args.kl_weight != 1):  # what --kl-weight maximises
                         writer.add_scalar(key if "/" in key else f"train/{key}", value, step)  # rank 0's share
-                    print(f"epoch {epoch + 1} step {step}: elbo {-loss:.1f} kl {kl:.1f} log sigma {log_sigma:.2f} "
+                    print(f"epoch {epoch + 1} step {step}: elbo {elbo:.1f} kl {kl:.1f} log sigma {log_sigma:.2f} "
                           f"{images_per_second:,.0f} img/s", flush=True)
         position = 0
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:  # evaluation, figures, checkpoint

@@ -273,10 +273,56 @@ def test_table_2_gathers_the_seeds_of_a_row(tmp_path):
     (["--dataset", "celeba", "--celeba-extra-train", "img_align_celeba/"], "names the --celeba-images folder itself"),
     (["--valid-images", "0"], "--valid-images must be >= 1"),
     (["--resume", "x.pt", "--valid-images", "5"], "drop --valid-images"),
+    (["--kl-weight", "0"], "--kl-weight must be a finite number > 0"),
+    (["--kl-weight", "inf"], "--kl-weight must be a finite number > 0"),
 ])
 def test_contradictory_flags_are_refused(flags, message):
     result = run(flags)
     assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_kl_weight_on_a_fixed_sigma_is_a_sigma_in_disguise(tmp_path):
+    # Sec. 3.2: with sigma fixed, lambda on the KL makes the loss lambda times the ELBO loss of sigma x sqrt(lambda), up
+    # to a constant: sigma = 0.5 with lambda = 4 has 4 times the gradients of sigma = 1 with lambda = 1, exactly.
+    gradients = {}
+    for sigma_value, kl_weight in [("0.5", "4"), ("1", "1")]:
+        torch.manual_seed(0)
+        args = train_images.parse_args(["--sigma", "fixed", "--sigma-value", sigma_value, "--kl-weight", kl_weight,
+                                        "--device", "cpu"])
+        train_images.resolve_defaults(args, torch.device("cpu"), 1)
+        model, _, step_module, _ = train_images.build(args, torch.device("cpu"))
+        torch.manual_seed(1)
+        recon_nll, kl, objective, _ = step_module(torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8),
+                                                  torch.randn(8, model.latent_dim))
+        objective.mean().backward()
+        gradients[kl_weight] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert gradients["4"].norm() > 0 and torch.equal(gradients["4"], 4 * gradients["1"])
+    # Adam is blind to the gradients' scale but for its eps (1e-8), which tells g from 4g where |g| is near it (15% of
+    # this tiny run's entries): the two trainings end close, and sigma = 0.5 with lambda = 1 far from both.
+    data = write_tiny_mnist(tmp_path / "mnist")
+    weights, records = {}, {}
+    for name, flags in [("weighted", ["--sigma-value", "0.5", "--kl-weight", "4"]),
+                        ("disguised", ["--sigma-value", "1"]), ("unweighted", ["--sigma-value", "0.5"])]:
+        result = run(["--epochs", "1", "--sigma", "fixed", *flags, *tiny_flags(tmp_path / name, data)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        weights[name] = torch.cat([value.flatten() for value in only_checkpoint(tmp_path / name)["model"].values()])
+        lines = (tmp_path / name / "out" / "runs.jsonl").read_text().splitlines()
+        (records[name],) = [json.loads(line) for line in lines]
+    apart = (weights["unweighted"] - weights["disguised"]).norm()
+    assert apart > 0.1 and (weights["weighted"] - weights["disguised"]).norm() < 0.1 * apart
+    # Evaluation reports the ELBO (lambda = 1) of the model as it is, under its own sigma = 0.5:
+    # -ELBO = KL + D (log sigma + log(2 pi) / 2) + squared error / (2 sigma^2), so from sigma = 1 to 0.5 (nearly the
+    # same networks) the KL stays, the log sigma term falls by D log 2 and the squared-error term is 4 times as large.
+    dims, weighted, disguised = 784, records["weighted"]["final"], records["disguised"]["final"]
+    assert weighted["kl_nats_per_image"] == pytest.approx(disguised["kl_nats_per_image"], rel=1e-3)
+    squared_error_term = -disguised["nats_per_image"] - disguised["kl_nats_per_image"] \
+        - dims / 2 * math.log(2 * math.pi)
+    expected = -(disguised["kl_nats_per_image"] + dims * (math.log(0.5) + math.log(2 * math.pi) / 2)
+                 + 4 * squared_error_term)
+    assert weighted["nats_per_image"] == pytest.approx(expected, rel=1e-5)
+    assert train_images.setting_name(records["weighted"]) == "F-VAE (sigma=0.5), KL weight 4"
+    assert train_images.paper_value(records["weighted"]) == "not in the paper"
+    assert (tmp_path / "weighted" / "out" / "mnist_fixed_continuous_1ep_kl4_generations.png").exists()
 
 
 def test_missing_data_and_bad_checkpoint_give_one_clear_line(tmp_path):

@@ -2,6 +2,7 @@
 
     python train_images.py --dataset mnist --sigma learned             # LV-VAE, per-pixel sigma (Eq. 11)
     python train_images.py --dataset mnist --sigma fixed --epochs 10   # F-VAE, sigma = 1/sqrt(2): the MSE loss
+    python train_images.py --sigma fixed --sigma-value 0.5 --kl-weight 4   # beta-VAE: sigma = 1 in disguise (Sec. 3.2)
     python train_images.py --sigma learned --lv-warmup 234             # LV-VAE after 234 steps of LS-VAE (ours)
     python train_images.py --sigma learned --lv-warmup 234 --lv-warmup-sigma optimal   # ... after sigma-VAE (ours)
     python train_images.py --dataset celeba --sigma learned --data-dir data/celeba

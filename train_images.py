@@ -752,9 +752,10 @@ FIGURE_KINDS = ["reconstructions", "generations"]
 
 
 def figure_stem(run):
-    """A run's figures are <stem>_reconstructions.png and <stem>_generations.png: named by dataset, sigma, likelihood,
-    epochs, --kl-weight, --valid-images and seed (none for seed 0), so that a run of another length or seed keeps the
-    others' figures. They are the last epoch's model's, with or without --valid-images."""
+    """A run's figures are <stem>_reconstructions.png and <stem>_generations.png: named by dataset, sigma (and F-VAE's
+    --sigma-value, unless 1/sqrt(2)), likelihood, epochs, --kl-weight, --valid-images and seed (none for seed 0), so
+    that a run of another length, sigma or seed keeps the others' figures. They are the last epoch's model's, with or
+    without --valid-images."""
     seed = run_seed(run)
     warm = ("_warmstart" + ("-optimal" if run.get("lv_warmup_sigma") == "optimal" else "")
             + ("-msehead" if run.get("lv_handover_sigma") == "mse" else "")
@@ -763,7 +764,9 @@ def figure_stem(run):
         if run.get("celeba_extra_train") else ""
     valid = f"_valid{run['valid_images']}" if run.get("valid_images") else ""
     kl_weight = f"_kl{run['kl_weight']:g}" if run.get("kl_weight", 1) != 1 else ""
-    return f"{run['dataset']}_{run['sigma']}{warm}_{run['likelihood']}_" \
+    fixed = "" if run["sigma"] != "fixed" or abs(run["sigma_value"] - 1 / math.sqrt(2)) < 1e-9 \
+        else f"{run['sigma_value']:g}"  # F-VAE's sigma, unless the MSE's 1/sqrt(2)
+    return f"{run['dataset']}_{run['sigma']}{fixed}{warm}_{run['likelihood']}_" \
         f"{run['epochs']}ep{extra}{kl_weight}{valid}" + (f"_seed{seed}" if seed else "")
 
 

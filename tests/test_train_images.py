@@ -173,6 +173,17 @@ def test_end_to_end_writes_table_and_figures(tmp_path):
         assert f"| `{name}_{{reconstructions,generations}}.png` | `python train_images.py " in table
 
 
+def test_f_vaes_of_other_sigmas_keep_figures_of_their_own():
+    # Until 2026-11-29 the stem left --sigma-value out: F-VAEs with sigma 0.25 and 0.05 overwrote the MSE's figures.
+    run = {"dataset": "mnist", "sigma": "fixed", "sigma_value": 1 / math.sqrt(2), "likelihood": "continuous",
+           "epochs": 10, "seed": 0}
+    assert train_images.figure_stem(run) == "mnist_fixed_continuous_10ep"
+    assert train_images.figure_stem({**run, "sigma_value": 0.2517}) == "mnist_fixed0.2517_continuous_10ep"
+    assert train_images.figure_stem({**run, "sigma_value": 0.5, "kl_weight": 4.0, "seed": 2}) == \
+        "mnist_fixed0.5_continuous_10ep_kl4_seed2"
+    assert train_images.figure_stem({**run, "sigma": "learned", "sigma_value": None}) == "mnist_learned_continuous_10ep"
+
+
 def test_reconstruction_measures_on_hand_made_images():
     # A bright square on a dark field: its border pixels (both sides of the jump) are the edges, nothing else.
     x = torch.zeros(1, 1, 8, 8)
@@ -322,7 +333,7 @@ def test_a_kl_weight_on_a_fixed_sigma_is_a_sigma_in_disguise(tmp_path):
     assert weighted["nats_per_image"] == pytest.approx(expected, rel=1e-5)
     assert train_images.setting_name(records["weighted"]) == "F-VAE (sigma=0.5), KL weight 4"
     assert train_images.paper_value(records["weighted"]) == "not in the paper"
-    assert (tmp_path / "weighted" / "out" / "mnist_fixed_continuous_1ep_kl4_generations.png").exists()
+    assert (tmp_path / "weighted" / "out" / "mnist_fixed0.5_continuous_1ep_kl4_generations.png").exists()
 
 
 def test_missing_data_and_bad_checkpoint_give_one_clear_line(tmp_path):

@@ -711,9 +711,14 @@ def setting_name(run):
     return name + (f", {run['valid_images']} held out" if held_out else "")
 
 
+def mse_sigma(run):
+    """Whether a run is F-VAE with the MSE's sigma = 1/sqrt(2) (the default --sigma-value)."""
+    return run["sigma"] == "fixed" and abs(run["sigma_value"] - 1 / math.sqrt(2)) < 1e-9
+
+
 def paper_value(run):
     """The paper's Table 2 number for this run's setting: F-VAE with the MSE's sigma = 1/sqrt(2), or LV-VAE."""
-    mse = run["sigma"] == "fixed" and abs(run["sigma_value"] - 1 / math.sqrt(2)) < 1e-9
+    mse = mse_sigma(run)
     if run["likelihood"] != "continuous" or run.get("lv_warmup") or run.get("kl_weight", 1) != 1 \
             or not (mse or run["sigma"] == "learned"):
         return "not in the paper"
@@ -764,8 +769,7 @@ def figure_stem(run):
         if run.get("celeba_extra_train") else ""
     valid = f"_valid{run['valid_images']}" if run.get("valid_images") else ""
     kl_weight = f"_kl{run['kl_weight']:g}" if run.get("kl_weight", 1) != 1 else ""
-    fixed = "" if run["sigma"] != "fixed" or abs(run["sigma_value"] - 1 / math.sqrt(2)) < 1e-9 \
-        else f"{run['sigma_value']:g}"  # F-VAE's sigma, unless the MSE's 1/sqrt(2)
+    fixed = f"{run['sigma_value']:g}" if run["sigma"] == "fixed" and not mse_sigma(run) else ""  # F-VAE's sigma
     return f"{run['dataset']}_{run['sigma']}{fixed}{warm}_{run['likelihood']}_" \
         f"{run['epochs']}ep{extra}{kl_weight}{valid}" + (f"_seed{seed}" if seed else "")
 

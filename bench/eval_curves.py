@@ -36,6 +36,15 @@ parser.add_argument("runs", nargs="+", help="run folders of train_images.py (eve
 parser.add_argument("--out", required=True, help="the PNG to write")
 
 
+def panel_title(settings, epochs, images=None, line=None):
+    """A panel's title: dataset, setting, likelihood (where discretized: log-probabilities of the 8-bit data),
+    training images and epochs; settings: a run's args or record."""
+    likelihood = settings.get("likelihood", "continuous")
+    return f"{settings['dataset']}, {train_images.setting_name(settings)}, " \
+        f"{'' if likelihood == 'continuous' else f'{likelihood} likelihood, '}" \
+        f"{f'{images} training images, ' if images else ''}{epochs} epochs" + (f" (line {line})" if line else "")
+
+
 def read_run(folder):
     """(title, {prefix: [(epoch, nats/image), ...]}, selected epoch or None) of one run folder."""
     events = glob.glob(os.path.join(folder, "events.out.tfevents.*"))
@@ -55,12 +64,8 @@ def read_run(folder):
     if "eval" not in curves:
         raise SystemExit(f"error: {folder}'s events have no evaluated epoch (eval/nats_per_image); let it evaluate")
     selection = state.get("selection")
-    images = state["args"].get("max_train_images")
-    likelihood = state["args"].get("likelihood", "continuous")  # discretized: log-probabilities of the 8-bit data
-    title = f"{state['args']['dataset']}, {train_images.setting_name(state['args'])}, " \
-        f"{'' if likelihood == 'continuous' else f'{likelihood} likelihood, '}" \
-        f"{f'{images} training images, ' if images else ''}{state['epoch']} epochs"
-    return title, {k: sorted(v.items()) for k, v in curves.items()}, selection and selection["best"]["epoch"]
+    return (panel_title(state["args"], state["epoch"], state["args"].get("max_train_images")),
+            {k: sorted(v.items()) for k, v in curves.items()}, selection and selection["best"]["epoch"])
 
 
 def read_records(spec):
@@ -83,11 +88,8 @@ def read_records(spec):
     for number, record in records:
         curves = {prefix: [(row[0], row[1 + i]) for row in record["curves"] if row[1 + i] is not None]
                   for i, prefix in enumerate(CURVES)}
-        likelihood = record["likelihood"]
-        title = f"{record['dataset']}, {train_images.setting_name(record)}, " \
-            f"{'' if likelihood == 'continuous' else f'{likelihood} likelihood, '}" \
-            f"{record['train_images']} training images, {record['epochs']} epochs (line {number})"
-        runs.append((title, {k: v for k, v in curves.items() if v}, record.get("selected", {}).get("epoch")))
+        runs.append((panel_title(record, record["epochs"], record["train_images"], number),
+                     {k: v for k, v in curves.items() if v}, record.get("selected", {}).get("epoch")))
     return runs
 
 

@@ -37,15 +37,15 @@ def test_the_curves_are_the_runs_own_and_the_selected_epoch_is_marked(tmp_path, 
     # The same curves from the run's record alone (line 1 of runs.jsonl, or the file: every record with curves).
     assert [[epoch, valid] for epoch, _, _, valid in record["curves"]] == record["selected"]["curve"]
     record_file = tmp_path / "out" / "runs.jsonl"
-    for spec in [f"{record_file}:1" if likelihood == "continuous" else str(record_file)]:  # one call each: the time
-        from_record = eval_curves(spec, "--out", str(tmp_path / "from_record.png"))
-        assert from_record.returncode == 0, from_record.stderr[-3000:]
-        record_lines = from_record.stdout.splitlines()
-        assert record_lines[0] == f"mnist, LV-VAE, 64 held out, {named}192 training images, 3 epochs (line 1):"
-        assert record_lines[1] == lines[1]
-        record_rows = [[float(cell) for cell in line.strip("| ").split(" | ")] for line in record_lines[2:5]]
-        for record_row, row in zip(record_rows, rows, strict=True):  # TensorBoard keeps float32, the record float64
-            assert record_row == pytest.approx(row, abs=0.051)
+    spec = f"{record_file}:1" if likelihood == "continuous" else str(record_file)  # one call a case: the suite's time
+    from_record = eval_curves(spec, "--out", str(tmp_path / "from_record.png"))
+    assert from_record.returncode == 0, from_record.stderr[-3000:]
+    record_lines = from_record.stdout.splitlines()
+    assert record_lines[0] == f"mnist, LV-VAE, 64 held out, {named}192 training images, 3 epochs (line 1):"
+    assert record_lines[1] == lines[1]
+    record_rows = [[float(cell) for cell in line.strip("| ").split(" | ")] for line in record_lines[2:5]]
+    for record_row, row in zip(record_rows, rows, strict=True):  # TensorBoard keeps float32, the record float64
+        assert record_row == pytest.approx(row, abs=0.051)
 
 
 def test_a_folder_without_a_run_is_refused_with_one_line(tmp_path):
